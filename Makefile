@@ -1,0 +1,57 @@
+# `make run` and `make test` are all a fresh machine needs (README.md).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WEB_PORT ?= 8000
+# Tests and benchmarks use real PostgreSQL and Redis; override to point elsewhere.
+TEST_DATABASE_URL ?= postgres://postgres:postgres@127.0.0.1:5432/incidents
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/0
+
+.PHONY: install run migrate demo test lint format bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+migrate: install
+	$(BIN)/python manage.py migrate --no-input
+
+demo: migrate
+	$(BIN)/python manage.py load_demo
+
+# Embedded defaults (SQLite, filesystem broker) unless DATABASE_URL / REDIS_URL are set.
+run: export DJANGO_DEBUG ?= true
+run: export WEB_PORT := $(WEB_PORT)
+run: demo
+	@echo
+	@echo "  Admin:  http://127.0.0.1:$(WEB_PORT)/admin/"
+	@$(BIN)/python -c "from incidents.demo import DEMO_ADMIN, demo_password; print(f'  Login:  {DEMO_ADMIN} / {demo_password()}')"
+	@echo "  Web, Celery worker and Celery beat run below; Ctrl-C stops all three."
+	@echo
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
+
+test: export DATABASE_URL := $(or $(DATABASE_URL),$(TEST_DATABASE_URL))
+test: export REDIS_URL := $(or $(REDIS_URL),$(TEST_REDIS_URL))
+test: install
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: export DATABASE_URL := $(or $(DATABASE_URL),$(TEST_DATABASE_URL))
+bench: export REDIS_URL := $(or $(REDIS_URL),$(TEST_REDIS_URL))
+bench: install
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) var

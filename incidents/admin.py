@@ -1,0 +1,573 @@
+"""Triage in the admin. Display, filters, and actions that call services; no logic here."""
+
+from __future__ import annotations
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin.widgets import AutocompleteSelect
+from django.contrib.auth import get_user_model
+from django.core.exceptions import PermissionDenied
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
+from django.utils import timezone
+from django.utils.html import format_html_join
+from django.views.decorators.http import require_POST
+
+from . import services
+from .deadlines import target_states
+from .exceptions import DomainError
+from .formatting import humanize_duration, severity_badge, status_badge, target_badge
+from .models import (
+    OPEN_STATUSES,
+    Incident,
+    IncidentStatus,
+    Role,
+    RoleAssignment,
+    Service,
+    Severity,
+    TimelineEvent,
+)
+from .selectors import COMMANDER_SLUG, incidents_breached, incidents_with_commander
+
+ADMIN_CSS = {"all": ["incidents/admin.css"]}
+
+
+@admin.register(Service)
+class ServiceAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "team", "is_public"]
+    list_filter = ["is_public", "team"]
+    list_select_related = ["team"]
+    search_fields = ["name", "slug"]
+    prepopulated_fields = {"slug": ["name"]}
+    autocomplete_fields = ["team"]
+
+
+@admin.register(Severity)
+class SeverityAdmin(admin.ModelAdmin):
+    list_display = [
+        "badge",
+        "level",
+        "ack_target_display",
+        "resolve_target_display",
+        "update_display",
+        "postmortem_required",
+        "notify_customers",
+    ]
+    list_display_links = ["badge"]
+    ordering = ["level"]
+    search_fields = ["name"]
+
+    class Media:
+        css = ADMIN_CSS
+
+    @admin.display(description="Severity", ordering="level")
+    def badge(self, obj: Severity):
+        return severity_badge(obj.level, obj.name)
+
+    @admin.display(description="Acknowledge within", ordering="ack_target")
+    def ack_target_display(self, obj: Severity) -> str:
+        return humanize_duration(obj.ack_target)
+
+    @admin.display(description="Resolve within", ordering="resolve_target")
+    def resolve_target_display(self, obj: Severity) -> str:
+        return humanize_duration(obj.resolve_target)
+
+    @admin.display(description="Update every", ordering="update_interval")
+    def update_display(self, obj: Severity) -> str:
+        return humanize_duration(obj.update_interval)
+
+
+@admin.register(Role)
+class RoleAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "sort_order"]
+    search_fields = ["name"]
+    prepopulated_fields = {"slug": ["name"]}
+
+
+class BreachedFilter(admin.SimpleListFilter):
+    title = "SLA"
+    parameter_name = "breached"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Breached now"), ("no", "Within targets")]
+
+    def queryset(self, request, queryset):
+        now = timezone.now()
+        if self.value() == "yes":
+            return incidents_breached(queryset, now=now)
+        if self.value() == "no":
+            return queryset.exclude(
+                pk__in=incidents_breached(Incident.objects.all(), now=now).values("pk")
+            )
+        return queryset
+
+
+class OpenFilter(admin.SimpleListFilter):
+    title = "open or closed"
+    parameter_name = "open"
+
+    def lookups(self, request, model_admin):
+        return [("yes", "Open"), ("no", "Resolved or closed")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "yes":
+            return queryset.filter(status__in=OPEN_STATUSES)
+        if self.value() == "no":
+            return queryset.exclude(status__in=OPEN_STATUSES)
+        return queryset
+
+
+class TimelineInline(admin.TabularInline):
+    """The timeline, read-only: append-only means nobody edits or deletes it here."""
+
+    model = TimelineEvent
+    fields = ["at", "kind", "actor_name", "previous", "value", "message"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = False
+    verbose_name_plural = "Timeline"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("actor")
+
+    @admin.display(description="Actor")
+    def actor_name(self, obj: TimelineEvent) -> str:
+        return obj.actor_display
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+class IncidentAdminForm(forms.ModelForm):
+    class Meta:
+        model = Incident
+        fields = [
+            "title",
+            "summary",
+            "severity",
+            "services",
+            "team",
+            "impact",
+            "customer_impact",
+            "is_drill",
+            "false_positive",
+            "detected_at",
+        ]
+
+    def clean_detected_at(self):
+        detected_at = self.cleaned_data.get("detected_at")
+        if detected_at and detected_at > timezone.now():
+            raise forms.ValidationError("Detection time cannot be in the future.")
+        return detected_at
+
+
+class NoteForm(forms.Form):
+    body = forms.CharField(widget=forms.Textarea, max_length=services.MAX_NOTE_LENGTH)
+
+
+class RoleForm(forms.Form):
+    role = forms.ModelChoiceField(queryset=Role.objects.all())
+    user = forms.ModelChoiceField(queryset=get_user_model().objects.filter(is_active=True))
+
+    def __init__(self, *args, admin_site=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if admin_site is not None:
+            self.fields["user"].widget = AutocompleteSelect(
+                RoleAssignment._meta.get_field("user"), admin_site
+            )
+
+
+@admin.register(Incident)
+class IncidentAdmin(admin.ModelAdmin):
+    form = IncidentAdminForm
+    list_display = [
+        "reference",
+        "title",
+        "severity_display",
+        "status_display",
+        "sla_display",
+        "services_display",
+        "commander_display",
+        "age_display",
+    ]
+    list_display_links = ["reference", "title"]
+    list_filter = [
+        OpenFilter,
+        "status",
+        "severity",
+        "services",
+        "team",
+        BreachedFilter,
+        "is_drill",
+    ]
+    list_select_related = ["severity"]
+    search_fields = ["reference", "title", "summary"]
+    date_hierarchy = "created_at"
+    show_full_result_count = False
+    list_per_page = 50
+    autocomplete_fields = ["services", "team"]
+    inlines = [TimelineInline]
+    actions = ["acknowledge", "assign_me_commander", "resolve"]
+    readonly_fields = [
+        "reference",
+        "status_display",
+        "created_at",
+        "declared_by",
+        "acknowledged_at",
+        "investigating_at",
+        "mitigating_at",
+        "monitoring_at",
+        "resolved_at",
+        "closed_at",
+        "reopened_count",
+        "ack_due_at",
+        "resolve_due_at",
+        "next_update_due_at",
+        "sla_display",
+    ]
+    change_form_template = "admin/incidents/incident/change_form.html"
+
+    class Media:
+        css = ADMIN_CSS
+
+    # --- querysets and display -------------------------------------------------------------
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request).prefetch_related("services")
+        return incidents_with_commander(queryset)
+
+    @admin.display(description="Severity", ordering="severity__level")
+    def severity_display(self, obj: Incident):
+        return severity_badge(obj.severity.level, obj.severity.name)
+
+    @admin.display(description="Status", ordering="status")
+    def status_display(self, obj: Incident):
+        return status_badge(obj.status, obj.get_status_display())
+
+    @admin.display(description="SLA")
+    def sla_display(self, obj: Incident):
+        if obj.pk is None:
+            return "—"
+        return format_html_join(
+            "", "{}", ((target_badge(s),) for s in target_states(obj, timezone.now()))
+        )
+
+    @admin.display(description="Services")
+    def services_display(self, obj: Incident) -> str:
+        return ", ".join(s.name for s in obj.services.all())
+
+    @admin.display(description="Commander")
+    def commander_display(self, obj: Incident) -> str:
+        return getattr(obj, "commander_name", None) or "—"
+
+    @admin.display(description="Age", ordering="created_at")
+    def age_display(self, obj: Incident) -> str:
+        return humanize_duration(timezone.now() - obj.created_at)
+
+    # --- forms ------------------------------------------------------------------------------
+
+    def get_fieldsets(self, request, obj=None):
+        main = [
+            "title",
+            "summary",
+            "severity",
+            "services",
+            "team",
+            "impact",
+            "customer_impact",
+            "is_drill",
+        ]
+        if obj is None:
+            return [(None, {"fields": [*main, "detected_at"]})]
+        return [
+            (
+                None,
+                {"fields": ["reference", "status_display", "sla_display", *main, "false_positive"]},
+            ),
+            (
+                "Timestamps and deadlines",
+                {
+                    "classes": ["collapse"],
+                    "fields": [
+                        "detected_at",
+                        "created_at",
+                        "declared_by",
+                        "acknowledged_at",
+                        "investigating_at",
+                        "mitigating_at",
+                        "monitoring_at",
+                        "resolved_at",
+                        "closed_at",
+                        "reopened_count",
+                        "ack_due_at",
+                        "resolve_due_at",
+                        "next_update_due_at",
+                    ],
+                },
+            ),
+        ]
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is None:
+            return []
+        fixed = [*self.readonly_fields, "severity", "detected_at"]
+        if obj.status == IncidentStatus.CLOSED:
+            fixed += [f for f in services.EDITABLE_FIELDS if f not in fixed]
+        return fixed
+
+    def get_changeform_initial_data(self, request):
+        initial = super().get_changeform_initial_data(request)
+        initial.setdefault("detected_at", timezone.now())
+        return initial
+
+    def save_model(self, request, obj, form, change):
+        """Declaring and editing go through the services, which record the timeline."""
+        if change:
+            changes = {
+                f: form.cleaned_data[f] for f in form.changed_data if f in services.EDITABLE_FIELDS
+            }
+            if changes:
+                services.incident_update(incident=obj, changes=changes, actor=request.user)
+            return
+        data = form.cleaned_data
+        incident = services.incident_declare(
+            title=data["title"],
+            summary=data.get("summary", ""),
+            severity=data["severity"],
+            services=data.get("services") or [],
+            team=data.get("team"),
+            impact=data.get("impact") or "none",
+            customer_impact=data.get("customer_impact", ""),
+            is_drill=data.get("is_drill", False),
+            detected_at=data.get("detected_at"),
+            actor=request.user,
+        )
+        obj.pk, obj.number, obj.reference = incident.pk, incident.number, incident.reference
+
+    def save_related(self, request, form, formsets, change):
+        """Services already saved the many-to-many fields (with timeline events)."""
+
+    def has_delete_permission(self, request, obj=None):
+        # Incidents are records: they are closed, never deleted.
+        return False
+
+    # --- the change page: transitions, notes, roles -----------------------------------------
+
+    def get_urls(self):
+        view = self.admin_site.admin_view
+        return [
+            path(
+                "<path:object_id>/transition/<str:status>/",
+                view(self.transition_view),
+                name="incidents_incident_transition",
+            ),
+            path("<path:object_id>/note/", view(self.note_view), name="incidents_incident_note"),
+            path(
+                "<path:object_id>/assign-role/",
+                view(self.role_view),
+                name="incidents_incident_assign_role",
+            ),
+            *super().get_urls(),
+        ]
+
+    def _changeable(self, request: HttpRequest, object_id: str) -> Incident:
+        incident = get_object_or_404(Incident, pk=object_id)
+        if not self.has_change_permission(request, incident):
+            raise PermissionDenied
+        return incident
+
+    def _back(self, incident: Incident) -> HttpResponseRedirect:
+        return HttpResponseRedirect(reverse("admin:incidents_incident_change", args=[incident.pk]))
+
+    def transition_view(self, request, object_id, status):
+        return require_POST(self._transition)(request, object_id, status)
+
+    def _transition(self, request, object_id, status):
+        incident = self._changeable(request, object_id)
+        try:
+            if status == IncidentStatus.ACKNOWLEDGED:
+                services.incident_acknowledge(incident=incident, actor=request.user)
+            elif status == IncidentStatus.RESOLVED:
+                services.incident_resolve(
+                    incident=incident,
+                    actor=request.user,
+                    resolution=request.POST.get("message", ""),
+                )
+            else:
+                services.incident_transition(
+                    incident=incident,
+                    to=status,
+                    actor=request.user,
+                    message=request.POST.get("message", ""),
+                )
+        except DomainError as error:
+            self.message_user(request, str(error), messages.ERROR)
+        else:
+            self.message_user(request, f"{incident.reference} is now {status}.", messages.SUCCESS)
+        return self._back(incident)
+
+    def note_view(self, request, object_id):
+        return require_POST(self._note)(request, object_id)
+
+    def _note(self, request, object_id):
+        incident = self._changeable(request, object_id)
+        form = NoteForm(request.POST)
+        if not form.is_valid():
+            self.message_user(
+                request, "The note was not added: it is empty or too long.", messages.ERROR
+            )
+            return self._back(incident)
+        try:
+            services.incident_add_note(
+                incident=incident, body=form.cleaned_data["body"], actor=request.user
+            )
+        except DomainError as error:
+            self.message_user(request, str(error), messages.ERROR)
+        else:
+            self.message_user(request, "Note added to the timeline.", messages.SUCCESS)
+        return self._back(incident)
+
+    def role_view(self, request, object_id):
+        return require_POST(self._role)(request, object_id)
+
+    def _role(self, request, object_id):
+        incident = self._changeable(request, object_id)
+        form = RoleForm(request.POST)
+        if not form.is_valid():
+            problems = "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items())
+            self.message_user(request, f"The role was not assigned: {problems}", messages.ERROR)
+            return self._back(incident)
+        try:
+            services.incident_assign_role(
+                incident=incident,
+                role=form.cleaned_data["role"],
+                user=form.cleaned_data["user"],
+                actor=request.user,
+            )
+        except DomainError as error:
+            self.message_user(request, str(error), messages.ERROR)
+        else:
+            self.message_user(
+                request,
+                f"{form.cleaned_data['role']}: {form.cleaned_data['user'].get_username()}.",
+                messages.SUCCESS,
+            )
+        return self._back(incident)
+
+    def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
+        if obj is not None and obj.pk:
+            context.update(
+                legal_transitions=[(s, IncidentStatus(s).label) for s in obj.legal_transitions]
+                if self.has_change_permission(request, obj)
+                else [],
+                current_roles=RoleAssignment.objects.filter(
+                    incident=obj, until__isnull=True
+                ).select_related("role", "user"),
+                note_form=NoteForm(),
+                role_form=RoleForm(admin_site=self.admin_site),
+            )
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    # --- bulk actions -------------------------------------------------------------------------
+
+    def get_actions(self, request):
+        actions = super().get_actions(request)
+        if self.has_change_permission(request):
+            for severity in Severity.objects.all():
+                name = f"set_severity_{severity.level}"
+                actions[name] = (
+                    self._severity_action(severity),
+                    name,
+                    f"Change severity to {severity.name}",
+                )
+        return actions
+
+    def _severity_action(self, severity: Severity):
+        def action(modeladmin, request, queryset):
+            modeladmin._apply(
+                request,
+                queryset,
+                f"changed to {severity.name}",
+                lambda incident: services.incident_change_severity(
+                    incident=incident, severity=severity, actor=request.user
+                ),
+            )
+
+        return action
+
+    def _apply(self, request, queryset: QuerySet[Incident], done: str, call) -> None:
+        """Run one service per selected incident; report every refusal with its reason."""
+        succeeded: list[str] = []
+        for incident in queryset.order_by("number"):
+            try:
+                call(incident)
+            except DomainError as error:
+                self.message_user(
+                    request, f"{incident.reference} refused: {error}", messages.WARNING
+                )
+            else:
+                succeeded.append(incident.reference)
+        if succeeded:
+            self.message_user(request, f"{', '.join(succeeded)} {done}.", messages.SUCCESS)
+
+    @admin.action(description="Acknowledge selected incidents", permissions=["change"])
+    def acknowledge(self, request, queryset):
+        self._apply(
+            request,
+            queryset,
+            "acknowledged",
+            lambda incident: services.incident_acknowledge(incident=incident, actor=request.user),
+        )
+
+    @admin.action(description="Assign me as Incident Commander", permissions=["change"])
+    def assign_me_commander(self, request, queryset):
+        role = Role.objects.filter(slug=COMMANDER_SLUG).first()
+        if role is None:
+            self.message_user(request, "There is no Incident Commander role.", messages.ERROR)
+            return
+        self._apply(
+            request,
+            queryset,
+            f"now commanded by {request.user.get_username()}",
+            lambda incident: services.incident_assign_role(
+                incident=incident, role=role, user=request.user, actor=request.user
+            ),
+        )
+
+    @admin.action(description="Resolve selected incidents", permissions=["change"])
+    def resolve(self, request, queryset):
+        self._apply(
+            request,
+            queryset,
+            "resolved",
+            lambda incident: services.incident_resolve(incident=incident, actor=request.user),
+        )
+
+
+@admin.register(TimelineEvent)
+class TimelineEventAdmin(admin.ModelAdmin):
+    """A read-only view across every incident's timeline."""
+
+    list_display = ["at", "incident", "kind", "actor", "previous", "value", "message"]
+    list_filter = ["kind"]
+    list_select_related = ["incident", "actor"]
+    search_fields = ["incident__reference", "message"]
+    show_full_result_count = False
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

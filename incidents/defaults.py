@@ -1,0 +1,130 @@
+"""Built-in rows every installation starts with: the four roles of the playbooks and the
+permission groups. Used by a data migration and by `load_demo`, so both stay in step."""
+
+from __future__ import annotations
+
+from django.apps.registry import Apps
+from django.contrib.auth.management import create_permissions
+
+ROLES = [
+    (
+        "incident-commander",
+        "Incident Commander",
+        10,
+        "Owns the incident: coordinates, decides, and manages escalation and stakeholders.",
+        "Assess severity and mobilise the response\nCoordinate teams and keep communication "
+        "clear\nMake go/no-go calls on resolution attempts\nDecide when to escalate",
+    ),
+    (
+        "technical-lead",
+        "Technical Lead",
+        20,
+        "Leads diagnosis and the technical fix.",
+        "Lead the investigation\nCoordinate the fix across engineering teams\n"
+        "Give the commander technical updates\nConfirm the fix holds",
+    ),
+    (
+        "communications-lead",
+        "Communications Lead",
+        30,
+        "Keeps stakeholders and customers informed.",
+        "Write customer notices\nKeep the status page current\nBrief customer support\n"
+        "Send stakeholder updates on the cadence",
+    ),
+    (
+        "scribe",
+        "Scribe",
+        40,
+        "Keeps the timeline: decisions, actions and findings as they happen.",
+        "Record events and decisions with times\nCapture hypotheses and their results\n"
+        "Collect material for the post-mortem",
+    ),
+]
+
+# Group name -> {app_label: [model permission codenames]}.
+GROUPS: dict[str, dict[str, list[str]]] = {
+    "Viewers": {
+        "incidents": [
+            "view_incident",
+            "view_timelineevent",
+            "view_service",
+            "view_severity",
+            "view_role",
+            "view_roleassignment",
+        ],
+        "escalation": ["view_team"],
+    },
+    "Responders": {
+        "incidents": [
+            "view_incident",
+            "add_incident",
+            "change_incident",
+            "view_timelineevent",
+            "view_service",
+            "view_severity",
+            "view_role",
+            "view_roleassignment",
+        ],
+        "escalation": ["view_team"],
+        # Picking a person for a role uses the user autocomplete, which needs this.
+        "auth": ["view_user"],
+    },
+    "Incident managers": {
+        "incidents": [
+            "view_incident",
+            "add_incident",
+            "change_incident",
+            "view_timelineevent",
+            "view_service",
+            "add_service",
+            "change_service",
+            "view_severity",
+            "change_severity",
+            "view_role",
+            "add_role",
+            "change_role",
+            "view_roleassignment",
+        ],
+        "escalation": ["view_team", "add_team", "change_team"],
+        "auth": ["view_user"],
+    },
+}
+
+
+def ensure_roles(apps: Apps) -> None:
+    Role = apps.get_model("incidents", "Role")
+    for slug, name, order, description, responsibilities in ROLES:
+        Role.objects.get_or_create(
+            slug=slug,
+            defaults={
+                "name": name,
+                "sort_order": order,
+                "description": description,
+                "responsibilities": responsibilities,
+            },
+        )
+
+
+def ensure_groups(apps: Apps) -> None:
+    """Create the groups with exactly their permissions (adds missing ones, keeps extras)."""
+    # Permissions are normally created after migrate; make sure they exist now. Historical
+    # app configs have no models module, which create_permissions insists on.
+    for config in apps.get_app_configs():
+        original = getattr(config, "models_module", None)
+        config.models_module = original or True
+        try:
+            create_permissions(config, apps=apps, verbosity=0)
+        finally:
+            config.models_module = original
+    Group = apps.get_model("auth", "Group")
+    Permission = apps.get_model("auth", "Permission")
+    for name, by_app in GROUPS.items():
+        group, _ = Group.objects.get_or_create(name=name)
+        for app_label, codenames in by_app.items():
+            perms = Permission.objects.filter(
+                content_type__app_label=app_label, codename__in=codenames
+            )
+            missing = set(codenames) - set(perms.values_list("codename", flat=True))
+            if missing:
+                raise LookupError(f"group {name}: unknown permissions {sorted(missing)}")
+            group.permissions.add(*perms)

@@ -1,0 +1,328 @@
+"""Demo data for `make run`: built through the services, so timelines are real.
+
+Idempotent: configuration is matched by natural keys, and a demo incident is created only if
+no incident with its title exists yet.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.apps import apps as django_apps
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+from django.db import transaction
+from django.utils import timezone
+
+from escalation.models import Team
+
+from . import services
+from .defaults import ensure_groups, ensure_roles
+from .models import Impact, Incident, IncidentStatus, Role, Service, Severity
+
+S = IncidentStatus
+DEMO_ADMIN = "admin"
+DEMO_PASSWORD_ENV = "DEMO_ADMIN_PASSWORD"  # noqa: S105 - the variable name
+# The embedded demo's login, printed by `make run`; never used in production.
+DEFAULT_DEMO_PASSWORD = "incident-demo"  # noqa: S105
+
+# Targets from the Ultimate Marketing playbook (seed 003): response 15 min / 30 min / 2 h /
+# 8 h, resolution 4 h / 8 h / 24 h / 72 h, updates every 30 min / 1 h / 4 h / daily;
+# post-mortem meetings within 24-48 h for P1/P2 and within a week for P3/P4.
+SEVERITIES = [
+    dict(
+        level=1,
+        name="Sev1",
+        description="Critical outage affecting all users.",
+        examples="Complete API outage\nDatabase unavailable\nAll content generation failing",
+        ack_target=timedelta(minutes=15),
+        resolve_target=timedelta(hours=4),
+        update_interval=timedelta(minutes=30),
+        postmortem_required=True,
+        postmortem_due_after=timedelta(hours=48),
+        notify_customers=True,
+    ),
+    dict(
+        level=2,
+        name="Sev2",
+        description="Partial outage of key functionality.",
+        examples="Specific API endpoints unavailable\nMajor performance degradation",
+        ack_target=timedelta(minutes=30),
+        resolve_target=timedelta(hours=8),
+        update_interval=timedelta(hours=1),
+        postmortem_required=True,
+        postmortem_due_after=timedelta(hours=48),
+        notify_customers=True,
+    ),
+    dict(
+        level=3,
+        name="Sev3",
+        description="Minor impact on a few users or a non-critical feature.",
+        examples="Non-critical feature unavailable\nIntermittent errors",
+        ack_target=timedelta(hours=2),
+        resolve_target=timedelta(hours=24),
+        update_interval=timedelta(hours=4),
+        postmortem_required=False,
+        postmortem_due_after=timedelta(days=7),
+        notify_customers=False,
+    ),
+    dict(
+        level=4,
+        name="Sev4",
+        description="No immediate user impact; needs attention.",
+        examples="System warnings\nError budget consumption increase",
+        ack_target=timedelta(hours=8),
+        resolve_target=timedelta(hours=72),
+        update_interval=timedelta(days=1),
+        postmortem_required=False,
+        postmortem_due_after=timedelta(days=7),
+        notify_customers=False,
+    ),
+]
+
+SERVICES = [
+    ("api", "API", "Public REST API"),
+    ("web", "Web app", "Customer-facing web application"),
+    ("payments", "Payments", "Payment processing"),
+    ("auth", "Authentication", "Login and token issuing"),
+    ("database", "Database", "Primary PostgreSQL cluster"),
+]
+
+PEOPLE = [
+    ("alice", "Alice", "Responders"),
+    ("bob", "Bob", "Responders"),
+    ("carol", "Carol", "Incident managers"),
+    ("victor", "Victor", "Viewers"),
+]
+
+
+@dataclass
+class DemoIncident:
+    title: str
+    level: int
+    services: tuple[str, ...]
+    age: timedelta
+    path: tuple[tuple[str, timedelta], ...]  # (status, minutes after detection)
+    impact: str = Impact.NONE
+    commander: str | None = None
+    notes: tuple[str, ...] = ()
+    is_drill: bool = False
+
+
+M = timedelta(minutes=1)
+INCIDENTS = [
+    DemoIncident(
+        "Checkout returns 502 for all users", 1, ("payments", "api"), 9 * M, (), Impact.MAJOR_OUTAGE
+    ),
+    DemoIncident(
+        "Login latency above 2 s",
+        2,
+        ("auth",),
+        50 * M,
+        ((S.ACKNOWLEDGED, 12 * M), (S.INVESTIGATING, 20 * M)),
+        Impact.DEGRADED,
+        "alice",
+        ("Token cache hit rate fell to 40% after the 14:00 deploy.",),
+    ),
+    DemoIncident(
+        "Primary database replica lag 15 min",
+        1,
+        ("database",),
+        3 * 60 * M,
+        ((S.ACKNOWLEDGED, 5 * M), (S.INVESTIGATING, 9 * M), (S.MITIGATING, 70 * M)),
+        Impact.PARTIAL_OUTAGE,
+        "carol",
+        ("Replica disk IOPS saturated; failing reads over to the primary.",),
+    ),
+    DemoIncident(
+        "Search results missing images",
+        3,
+        ("web",),
+        5 * 60 * M,
+        ((S.ACKNOWLEDGED, 40 * M), (S.MONITORING, 3 * 60 * M)),
+        Impact.DEGRADED,
+        "bob",
+    ),
+    DemoIncident(
+        "Nightly export job failing",
+        4,
+        ("api",),
+        26 * 60 * M,
+        (),
+    ),
+    DemoIncident("Webhooks delayed by 10 minutes", 3, ("api",), 30 * 60 * M, ()),
+    DemoIncident(
+        "Payment provider timeouts",
+        1,
+        ("payments",),
+        3 * 24 * 60 * M,
+        (
+            (S.ACKNOWLEDGED, 4 * M),
+            (S.INVESTIGATING, 6 * M),
+            (S.MITIGATING, 45 * M),
+            (S.MONITORING, 95 * M),
+            (S.RESOLVED, 140 * M),
+        ),
+        Impact.MAJOR_OUTAGE,
+        "carol",
+        ("Provider confirmed a regional outage on their side.",),
+    ),
+    DemoIncident(
+        "Password reset emails not sent",
+        2,
+        ("auth",),
+        5 * 24 * 60 * M,
+        ((S.ACKNOWLEDGED, 45 * M), (S.INVESTIGATING, 60 * M), (S.RESOLVED, 10 * 60 * M)),
+        Impact.PARTIAL_OUTAGE,
+        "alice",
+    ),
+    DemoIncident(
+        "Dashboard charts render blank",
+        3,
+        ("web",),
+        8 * 24 * 60 * M,
+        ((S.ACKNOWLEDGED, 30 * M), (S.RESOLVED, 5 * 60 * M), (S.CLOSED, 2 * 24 * 60 * M)),
+        Impact.DEGRADED,
+        "bob",
+    ),
+    DemoIncident(
+        "Disk usage warning on log hosts",
+        4,
+        ("database",),
+        12 * 24 * 60 * M,
+        ((S.ACKNOWLEDGED, 3 * 60 * M), (S.RESOLVED, 20 * 60 * M), (S.CLOSED, 3 * 24 * 60 * M)),
+    ),
+    DemoIncident(
+        "API error rate 8% after deploy",
+        2,
+        ("api", "web"),
+        2 * 24 * 60 * M,
+        (
+            (S.ACKNOWLEDGED, 8 * M),
+            (S.RESOLVED, 50 * M),
+            (S.INVESTIGATING, 80 * M),
+            (S.MITIGATING, 100 * M),
+        ),
+        Impact.PARTIAL_OUTAGE,
+        "alice",
+        ("Rollback did not hold: errors returned after 30 minutes.",),
+    ),
+    DemoIncident(
+        "Tabletop: region failover",
+        1,
+        ("api", "database"),
+        20 * 24 * 60 * M,
+        (
+            (S.ACKNOWLEDGED, 3 * M),
+            (S.MITIGATING, 30 * M),
+            (S.RESOLVED, 60 * M),
+            (S.CLOSED, 2 * 60 * M),
+        ),
+        Impact.NONE,
+        "carol",
+        is_drill=True,
+    ),
+]
+
+
+def demo_password() -> str:
+    return os.environ.get(DEMO_PASSWORD_ENV) or DEFAULT_DEMO_PASSWORD
+
+
+@transaction.atomic
+def load_demo(*, now: datetime | None = None) -> dict[str, int]:
+    """Create the demo configuration, users and incidents that do not exist yet."""
+    now = now or timezone.now()
+    ensure_roles(django_apps)
+    ensure_groups(django_apps)
+    created = {"severities": 0, "services": 0, "users": 0, "incidents": 0}
+
+    for values in SEVERITIES:
+        _, made = Severity.objects.get_or_create(level=values["level"], defaults=values)
+        created["severities"] += made
+    severities = {s.level: s for s in Severity.objects.all()}
+
+    User = get_user_model()
+    admin_user, made = User.objects.get_or_create(
+        username=DEMO_ADMIN,
+        defaults={"is_staff": True, "is_superuser": True, "email": "admin@example.com"},
+    )
+    if made:
+        admin_user.set_password(demo_password())
+        admin_user.save(update_fields=["password"])
+        created["users"] += 1
+    people = {DEMO_ADMIN: admin_user}
+    for username, first_name, group in PEOPLE:
+        user, made = User.objects.get_or_create(
+            username=username,
+            defaults={
+                "first_name": first_name,
+                "is_staff": True,
+                "email": f"{username}@example.com",
+            },
+        )
+        if made:
+            user.set_password(demo_password())
+            user.save(update_fields=["password"])
+            user.groups.add(Group.objects.get(name=group))
+            created["users"] += 1
+        people[username] = user
+
+    team, _ = Team.objects.get_or_create(slug="platform", defaults={"name": "Platform"})
+    team.members.add(*people.values())
+
+    for slug, name, description in SERVICES:
+        _, made = Service.objects.get_or_create(
+            slug=slug, defaults={"name": name, "description": description, "team": team}
+        )
+        created["services"] += made
+    service_map = {s.slug: s for s in Service.objects.all()}
+
+    commander = Role.objects.get(slug="incident-commander")
+    existing = set(
+        Incident.objects.filter(title__in=[d.title for d in INCIDENTS]).values_list(
+            "title", flat=True
+        )
+    )
+    for demo in sorted(INCIDENTS, key=lambda d: -d.age):
+        if demo.title in existing:
+            continue
+        detected = now - demo.age
+        incident = services.incident_declare(
+            title=demo.title,
+            severity=severities[demo.level],
+            actor=admin_user,
+            services=[service_map[s] for s in demo.services],
+            team=team,
+            impact=demo.impact,
+            is_drill=demo.is_drill,
+            detected_at=detected,
+            now=detected,
+            summary=f"Demo incident: {demo.title.lower()}.",
+        )
+        holder = people.get(demo.commander) if demo.commander else None
+        for status, offset in demo.path:
+            at = detected + offset
+            if holder and status != S.ACKNOWLEDGED and not incident.role_assignments.exists():
+                services.incident_assign_role(
+                    incident=incident, role=commander, user=holder, actor=holder, now=at
+                )
+            if status == S.INVESTIGATING and incident.status == S.RESOLVED:
+                services.incident_reopen(
+                    incident=incident, actor=holder, reason="The fix did not hold.", now=at
+                )
+            else:
+                services.incident_transition(
+                    incident=incident, to=status, actor=holder or admin_user, now=at
+                )
+        for index, note in enumerate(demo.notes, start=1):
+            services.incident_add_note(
+                incident=incident,
+                body=note,
+                actor=holder or admin_user,
+                now=min(now, detected + demo.age * index / 4),
+            )
+        created["incidents"] += 1
+    return created

@@ -1,0 +1,69 @@
+"""Reads used by the admin, the API and tasks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+
+from .deadlines import TargetState, target_states
+from .models import OPEN_STATUSES, Incident, RoleAssignment, Severity
+
+COMMANDER_SLUG = "incident-commander"
+DASHBOARD_LIMIT = 50
+
+
+def incidents_with_commander(queryset: QuerySet[Incident]) -> QuerySet[Incident]:
+    """Annotate `commander_name`: the current Incident Commander's username, in the same query."""
+    commander = RoleAssignment.objects.filter(
+        incident=OuterRef("pk"), role__slug=COMMANDER_SLUG, until__isnull=True
+    ).values("user__username")[:1]
+    return queryset.annotate(commander_name=Subquery(commander))
+
+
+def incidents_breached(queryset: QuerySet[Incident], *, now: datetime) -> QuerySet[Incident]:
+    """Open incidents past their acknowledge or resolve deadline (both indexed)."""
+    return queryset.filter(Q(ack_due_at__lte=now) | Q(resolve_due_at__lte=now))
+
+
+def incidents_open(queryset: QuerySet[Incident] | None = None) -> QuerySet[Incident]:
+    queryset = Incident.objects.all() if queryset is None else queryset
+    return queryset.filter(status__in=OPEN_STATUSES)
+
+
+@dataclass
+class SeverityGroup:
+    severity: Severity
+    open_count: int = 0
+    breached_count: int = 0
+    incidents: list[tuple[Incident, list[TargetState]]] = field(default_factory=list)
+
+
+def dashboard(*, now: datetime, limit: int = DASHBOARD_LIMIT) -> list[SeverityGroup]:
+    """Open incidents by severity with their SLA state, worst first.
+
+    Three queries whatever the table size: the severities, the open and breached counts per
+    severity (aggregated on the status index), and the `limit` most urgent open incidents.
+    """
+    groups = {s.pk: SeverityGroup(severity=s) for s in Severity.objects.all()}
+    counts = (
+        incidents_open()
+        .values("severity")
+        .annotate(
+            total=Count("pk"),
+            breached=Count("pk", filter=Q(ack_due_at__lte=now) | Q(resolve_due_at__lte=now)),
+        )
+        .order_by()
+    )
+    for row in counts:
+        group = groups[row["severity"]]
+        group.open_count, group.breached_count = row["total"], row["breached"]
+    urgent = (
+        incidents_with_commander(incidents_open())
+        .select_related("severity", "team")
+        .order_by("severity__level", "detected_at")[:limit]
+    )
+    for incident in urgent:
+        groups[incident.severity_id].incidents.append((incident, target_states(incident, now)))
+    return list(groups.values())

@@ -1,0 +1,1 @@
+"""Post-mortems and action items arrive with the post-mortem issue."""
