@@ -112,7 +112,7 @@ STORAGES = {
     "staticfiles": {
         "BACKEND": (
             "whitenoise.storage.CompressedManifestStaticFilesStorage"
-            if not DEBUG and env_bool("STATIC_MANIFEST", True)
+            if env_bool("STATIC_MANIFEST", False)
             else "django.contrib.staticfiles.storage.StaticFilesStorage"
         )
     },

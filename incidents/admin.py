@@ -181,8 +181,9 @@ class RoleForm(forms.Form):
     def __init__(self, *args, admin_site=None, **kwargs):
         super().__init__(*args, **kwargs)
         if admin_site is not None:
-            self.fields["user"].widget = AutocompleteSelect(
-                RoleAssignment._meta.get_field("user"), admin_site
+            self.fields["user"] = forms.ModelChoiceField(
+                queryset=self.fields["user"].queryset,
+                widget=AutocompleteSelect(RoleAssignment._meta.get_field("user"), admin_site),
             )
 
 
@@ -354,7 +355,10 @@ class IncidentAdmin(admin.ModelAdmin):
         obj.pk, obj.number, obj.reference = incident.pk, incident.number, incident.reference
 
     def save_related(self, request, form, formsets, change):
-        """Services already saved the many-to-many fields (with timeline events)."""
+        """Services already saved the many-to-many fields (with timeline events); the
+        read-only timeline formset saves nothing but is still processed."""
+        for formset in formsets:
+            self.save_formset(request, form, formset, change=change)
 
     def has_delete_permission(self, request, obj=None):
         # Incidents are records: they are closed, never deleted.
