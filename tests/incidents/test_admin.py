@@ -121,7 +121,8 @@ def test_dashboard_shows_open_incidents_by_severity_with_sla_state(admin_client)
     html = admin_client.get(reverse("admin:index")).content.decode()
 
     assert "Open incidents by severity" in html
-    assert late.reference in html and fresh.reference in html
+    assert late.reference in html
+    assert fresh.reference in html
     assert resolved.reference not in html
     assert "acknowledge: breached by 5m" in html  # Sev1 ack target 15 min, detected 20 min ago
     assert "acknowledge: 1h 59m left" in html or "acknowledge: 2h 00m left" in html
@@ -138,7 +139,8 @@ def test_changelist_shows_badges_sla_services_and_commander(admin_client):
     assert 'class="badge sev sev-1"' in html
     assert 'class="badge status-triggered"' in html
     assert "acknowledge: 15m left" in html or "acknowledge: 14m left" in html
-    assert "Payments" in html and "carol" in html
+    assert "Payments" in html
+    assert "carol" in html
 
 
 def test_changelist_filters_breached_and_drill(admin_client):
@@ -148,11 +150,14 @@ def test_changelist_filters_breached_and_drill(admin_client):
     drill = declare(title="Tabletop", is_drill=True, now=now)
     url = reverse(CHANGELIST)
     html = admin_client.get(url + "?breached=yes").content.decode()
-    assert breached.reference in html and on_time.reference not in html
+    assert breached.reference in html
+    assert on_time.reference not in html
     html = admin_client.get(url + "?breached=no").content.decode()
-    assert on_time.reference in html and breached.reference not in html
+    assert on_time.reference in html
+    assert breached.reference not in html
     html = admin_client.get(url + "?is_drill__exact=1").content.decode()
-    assert drill.reference in html and on_time.reference not in html
+    assert drill.reference in html
+    assert on_time.reference not in html
 
 
 def test_bulk_acknowledge_reports_each_refusal_with_its_reason(client, responder):
@@ -217,7 +222,8 @@ def test_viewer_sees_incidents_but_gets_no_actions_and_cannot_transition(client,
     incident.refresh_from_db()
     assert incident.status == S.TRIGGERED
     html = client.get(change_url(incident)).content.decode()
-    assert "data-transition" not in html and "Add a note" not in html
+    assert "data-transition" not in html
+    assert "Add a note" not in html
 
 
 def test_change_page_offers_only_legal_transitions(admin_client):
