@@ -27,10 +27,8 @@ demo: migrate
 # Embedded defaults (SQLite, filesystem broker) unless DATABASE_URL / REDIS_URL are set.
 run: export DJANGO_DEBUG ?= true
 run: export WEB_PORT := $(WEB_PORT)
-run: demo
-	@echo
-	@echo "  Admin:  http://127.0.0.1:$(WEB_PORT)/admin/"
-	@$(BIN)/python -c "from incidents.demo import DEMO_ADMIN, demo_password; print(f'  Login:  {DEMO_ADMIN} / {demo_password()}')"
+run: migrate
+	$(BIN)/python manage.py load_demo --admin-url http://127.0.0.1:$(WEB_PORT)/admin/
 	@echo "  Web, Celery worker and Celery beat run below; Ctrl-C stops all three."
 	@echo
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
