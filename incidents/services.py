@@ -189,56 +189,66 @@ def incident_transition(
     """
     if to not in S.values:
         raise InvalidInput("status", f"{to!r} is not one of {', '.join(S.values)}.")
-    now = now or timezone.now()
     with transaction.atomic():
-        locked = _lock(incident)
-        current = locked.status
-        if current == to:
-            return locked
-        if not locked.can_transition(to):
-            allowed = ", ".join(locked.legal_transitions) or "none: it is final"
-            raise InvalidTransition(
-                locked.reference, current, to, f"from {current} it can go to {allowed}."
-            )
-        fields: dict[str, Any] = {"status": to, "updated_at": now}
-        stamp = STATUS_TIMESTAMP[to]
-        if getattr(locked, stamp) is None or to in {S.RESOLVED, S.CLOSED}:
-            fields[stamp] = now
-        if to in {S.INVESTIGATING, S.MITIGATING, S.MONITORING} and locked.acknowledged_at is None:
-            # Working on it implies someone has acknowledged it.
-            fields["acknowledged_at"] = now
-        reopening = current == S.RESOLVED and to in OPEN_STATUSES
-        if reopening:
-            fields.update(
-                resolved_at=None, reopened_at=now, reopened_count=locked.reopened_count + 1
-            )
-        for name, value in fields.items():
-            setattr(locked, name, value)
-        fields.update(
-            compute_deadlines(
-                locked.severity,
-                locked.detected_at,
-                now,
-                status=to,
-                update_base=locked.update_base,
-            ).as_fields()
-        )
-        _compare_and_set(locked, current, fields)
-        kind = {
-            S.ACKNOWLEDGED: EventKind.ACKNOWLEDGED,
-            S.RESOLVED: EventKind.RESOLVED,
-            S.CLOSED: EventKind.CLOSED,
-        }.get(to, EventKind.REOPENED if reopening else EventKind.STATUS_CHANGED)
-        timeline_record(
-            incident=locked,
-            kind=kind,
+        return _transition_locked(
+            _lock(incident),
+            to=to,
             actor=actor,
-            actor_label=actor_label,
-            now=now,
-            previous=current,
-            value=to,
             message=message,
+            actor_label=actor_label,
+            now=now or timezone.now(),
         )
+
+
+def _transition_locked(
+    locked: Incident, *, to: str, actor: Actor, message: str, actor_label: str, now: datetime
+) -> Incident:
+    """The body of `incident_transition`, for an incident already locked by the caller."""
+    current = locked.status
+    if current == to:
+        return locked
+    if not locked.can_transition(to):
+        allowed = ", ".join(locked.legal_transitions) or "none: it is final"
+        raise InvalidTransition(
+            locked.reference, current, to, f"from {current} it can go to {allowed}."
+        )
+    fields: dict[str, Any] = {"status": to, "updated_at": now}
+    stamp = STATUS_TIMESTAMP[to]
+    if getattr(locked, stamp) is None or to in {S.RESOLVED, S.CLOSED}:
+        fields[stamp] = now
+    if to in {S.INVESTIGATING, S.MITIGATING, S.MONITORING} and locked.acknowledged_at is None:
+        # Working on it implies someone has acknowledged it.
+        fields["acknowledged_at"] = now
+    reopening = current == S.RESOLVED and to in OPEN_STATUSES
+    if reopening:
+        fields.update(resolved_at=None, reopened_at=now, reopened_count=locked.reopened_count + 1)
+    for name, value in fields.items():
+        setattr(locked, name, value)
+    fields.update(
+        compute_deadlines(
+            locked.severity,
+            locked.detected_at,
+            now,
+            status=to,
+            update_base=locked.update_base,
+        ).as_fields()
+    )
+    _compare_and_set(locked, current, fields)
+    kind = {
+        S.ACKNOWLEDGED: EventKind.ACKNOWLEDGED,
+        S.RESOLVED: EventKind.RESOLVED,
+        S.CLOSED: EventKind.CLOSED,
+    }.get(to, EventKind.REOPENED if reopening else EventKind.STATUS_CHANGED)
+    timeline_record(
+        incident=locked,
+        kind=kind,
+        actor=actor,
+        actor_label=actor_label,
+        now=now,
+        previous=current,
+        value=to,
+        message=message,
+    )
     return locked
 
 
@@ -255,8 +265,13 @@ def incident_acknowledge(
         locked = _lock(incident)
         if locked.status in OPEN_STATUSES and locked.acknowledged_at is not None:
             return locked
-        return incident_transition(
-            incident=locked, to=S.ACKNOWLEDGED, actor=actor, actor_label=actor_label, now=now
+        return _transition_locked(
+            locked,
+            to=S.ACKNOWLEDGED,
+            actor=actor,
+            message="",
+            actor_label=actor_label,
+            now=now or timezone.now(),
         )
 
 
@@ -298,8 +313,13 @@ def incident_reopen(
                 S.INVESTIGATING,
                 "only a resolved incident can be re-opened.",
             )
-        return incident_transition(
-            incident=locked, to=S.INVESTIGATING, actor=actor, message=reason, now=now
+        return _transition_locked(
+            locked,
+            to=S.INVESTIGATING,
+            actor=actor,
+            message=reason,
+            actor_label="",
+            now=now or timezone.now(),
         )
 
 
