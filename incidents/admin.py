@@ -29,6 +29,7 @@ from .models import (
     Severity,
     TimelineEvent,
 )
+from .pagination import EstimatedCountPaginator
 from .selectors import COMMANDER_SLUG, incidents_breached, incidents_with_commander
 
 ADMIN_CSS = {"all": ["incidents/admin.css"]}
@@ -214,6 +215,7 @@ class IncidentAdmin(admin.ModelAdmin):
     search_fields = ["reference", "title", "summary"]
     date_hierarchy = "created_at"
     show_full_result_count = False
+    paginator = EstimatedCountPaginator
     list_per_page = 50
     autocomplete_fields = ["services", "team"]
     inlines = [TimelineInline]
@@ -566,6 +568,7 @@ class TimelineEventAdmin(admin.ModelAdmin):
     list_select_related = ["incident", "actor"]
     search_fields = ["incident__reference", "message"]
     show_full_result_count = False
+    paginator = EstimatedCountPaginator
 
     def has_add_permission(self, request):
         return False

@@ -205,6 +205,13 @@ class Incident(models.Model):
             models.Index(fields=["resolve_due_at"], name="incident_resolve_due"),
             models.Index(fields=["next_update_due_at"], name="incident_update_due"),
             models.Index(fields=["next_escalation_at"], name="incident_escalation_due"),
+            # The dashboard's "most urgent open incidents of each severity": open incidents
+            # are few, so this index stays small however long the history grows.
+            models.Index(
+                fields=["severity", "detected_at"],
+                name="incident_open_by_severity",
+                condition=Q(status__in=sorted(OPEN_STATUSES)),
+            ),
         ]
         constraints = [
             models.CheckConstraint(

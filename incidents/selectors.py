@@ -11,7 +11,7 @@ from .deadlines import TargetState, target_states
 from .models import OPEN_STATUSES, Incident, RoleAssignment, Severity
 
 COMMANDER_SLUG = "incident-commander"
-DASHBOARD_LIMIT = 50
+DASHBOARD_LIMIT = 20  # per severity
 
 
 def incidents_with_commander(queryset: QuerySet[Incident]) -> QuerySet[Incident]:
@@ -41,12 +41,14 @@ class SeverityGroup:
 
 
 def dashboard(*, now: datetime, limit: int = DASHBOARD_LIMIT) -> list[SeverityGroup]:
-    """Open incidents by severity with their SLA state, worst first.
+    """Open incidents by severity with their SLA state, worst severity first.
 
-    Three queries whatever the table size: the severities, the open and breached counts per
-    severity (aggregated on the status index), and the `limit` most urgent open incidents.
+    Two queries plus one per severity, whatever the table size: the severities, the open
+    and breached counts per severity, and for each severity its `limit` longest-running
+    open incidents, read in order from the partial index on open incidents.
     """
-    groups = {s.pk: SeverityGroup(severity=s) for s in Severity.objects.all()}
+    groups = [SeverityGroup(severity=s) for s in Severity.objects.all()]
+    by_pk = {group.severity.pk: group for group in groups}
     counts = (
         incidents_open()
         .values("severity")
@@ -57,13 +59,13 @@ def dashboard(*, now: datetime, limit: int = DASHBOARD_LIMIT) -> list[SeverityGr
         .order_by()
     )
     for row in counts:
-        group = groups[row["severity"]]
+        group = by_pk[row["severity"]]
         group.open_count, group.breached_count = row["total"], row["breached"]
-    urgent = (
-        incidents_with_commander(incidents_open())
-        .select_related("severity", "team")
-        .order_by("severity__level", "detected_at")[:limit]
-    )
-    for incident in urgent:
-        groups[incident.severity_id].incidents.append((incident, target_states(incident, now)))
-    return list(groups.values())
+    for group in groups:
+        urgent = incidents_with_commander(
+            incidents_open().filter(severity=group.severity)
+        ).order_by("detected_at")[:limit]
+        for incident in urgent:
+            incident.severity = group.severity
+            group.incidents.append((incident, target_states(incident, now)))
+    return groups

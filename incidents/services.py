@@ -12,8 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
 from escalation.models import Team
@@ -55,14 +54,20 @@ EDITABLE_FIELDS = (
 def next_number(name: str) -> int:
     """The next value of counter `name`. Must run inside the caller's transaction: the row
     stays locked until it commits, which serialises concurrent callers."""
-    if not Counter.objects.filter(name=name).update(value=F("value") + 1):
-        try:
-            with transaction.atomic():
-                Counter.objects.create(name=name, value=0)
-        except IntegrityError:
-            pass  # created concurrently; the update below takes our number
-        Counter.objects.filter(name=name).update(value=F("value") + 1)
-    return Counter.objects.values_list("value", flat=True).get(name=name)
+    table = connection.ops.quote_name(Counter._meta.db_table)
+    increment = f"UPDATE {table} SET value = value + 1 WHERE name = %s RETURNING value"  # noqa: S608
+    with connection.cursor() as cursor:
+        cursor.execute(increment, [name])
+        row = cursor.fetchone()
+        if row is None:
+            try:
+                with transaction.atomic():
+                    Counter.objects.create(name=name, value=0)
+            except IntegrityError:
+                pass  # created concurrently; the increment below takes our number
+            cursor.execute(increment, [name])
+            row = cursor.fetchone()
+    return row[0]
 
 
 def timeline_record(
@@ -159,7 +164,7 @@ def incident_declare(
         )
         services = list(services)
         if services:
-            incident.services.set(services)
+            incident.services.add(*services)
         timeline_record(
             incident=incident,
             kind=EventKind.DECLARED,
