@@ -60,6 +60,22 @@ class Severity(models.Model):
         help_text="How long after resolution the post-mortem is due.",
     )
     notify_customers = models.BooleanField(default=False)
+    escalation_policy = models.ForeignKey(
+        "escalation.EscalationPolicy",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="severities",
+        help_text="Copied onto each incident when it is declared.",
+    )
+    calendar = models.ForeignKey(
+        "escalation.BusinessCalendar",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="severities",
+        help_text="Count this severity's targets in business hours only.",
+    )
 
     class Meta:
         ordering = ["level"]
@@ -195,6 +211,17 @@ class Incident(models.Model):
     resolve_due_at = models.DateTimeField(null=True, blank=True, editable=False)
     next_update_due_at = models.DateTimeField(null=True, blank=True, editable=False)
     next_escalation_at = models.DateTimeField(null=True, blank=True, editable=False)
+
+    # The escalation policy as it was when the incident started (editing the policy does not
+    # rewrite running incidents), and where the incident is in it.
+    escalation_plan = models.JSONField(default=dict, blank=True, editable=False)
+    escalation_step = models.PositiveSmallIntegerField(default=0, editable=False)
+    escalation_round = models.PositiveSmallIntegerField(default=0, editable=False)
+    escalation_started_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # Each breached target is recorded on the timeline once; these say it was.
+    ack_breached_at = models.DateTimeField(null=True, blank=True, editable=False)
+    resolve_breached_at = models.DateTimeField(null=True, blank=True, editable=False)
+    update_breached_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-number"]
