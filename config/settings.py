@@ -154,6 +154,19 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # engine's tick joins it with the escalation issue.
 CELERY_BEAT_SCHEDULE: dict = {}
 
+# --- Escalation engine ---------------------------------------------------------------------
+# The engine tick: how often beat asks the database what is due. Short, because lateness of a
+# page is bounded by it; cheap, because each tick reads indexes of what is due only.
+ENGINE_TICK_SECONDS = float(os.environ.get("ENGINE_TICK_SECONDS", "5"))
+# An escalation due this long ago and still not done is reported by the auditor.
+ESCALATION_OVERDUE_AFTER = float(os.environ.get("ESCALATION_OVERDUE_AFTER", "60"))
+# Webhook channels: seconds to wait, and whether loopback/private/link-local targets are
+# allowed (off in production: a webhook must not reach into the tracker's own network).
+WEBHOOK_TIMEOUT = float(os.environ.get("WEBHOOK_TIMEOUT", "5"))
+WEBHOOK_ALLOW_PRIVATE = env_bool("WEBHOOK_ALLOW_PRIVATE", False)
+# How long an acknowledgement link in a page stays valid.
+ACK_LINK_MAX_AGE = int(os.environ.get("ACK_LINK_MAX_AGE", str(7 * 24 * 3600)))
+
 # Seconds the health check waits for the broker before it reports "down".
 HEALTHZ_BROKER_TIMEOUT = float(os.environ.get("HEALTHZ_BROKER_TIMEOUT", "1.0"))
 

@@ -1,0 +1,7 @@
+"""/api/v1/: the REST API. Each app contributes its routes."""
+
+from django.urls import include, path
+
+urlpatterns = [
+    path("", include("escalation.api.urls")),
+]
