@@ -198,6 +198,11 @@ class EscalationPolicy(models.Model):
     repeat = models.PositiveSmallIntegerField(
         default=0, help_text="How many more times the whole chain runs after its last step."
     )
+    repeat_after = models.DurationField(
+        default=timedelta(minutes=30),
+        validators=[MinValueValidator(timedelta(minutes=1))],
+        help_text="A repeated round starts this long after the previous round's last step.",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -318,6 +323,8 @@ class Page(models.Model):
     incident = models.ForeignKey(
         "incidents.Incident", on_delete=models.CASCADE, related_name="pages"
     )
+    # Which plan of the incident (a raised severity re-plans), step and round paged for.
+    plan_version = models.PositiveSmallIntegerField(default=1)
     step_index = models.PositiveSmallIntegerField()
     round = models.PositiveSmallIntegerField(default=0)
     person = models.ForeignKey(Person, on_delete=models.PROTECT, related_name="pages")
@@ -332,6 +339,9 @@ class Page(models.Model):
     due_at = models.DateTimeField(help_text="When the escalation step fell due.")
     created_at = models.DateTimeField(default=timezone.now)
     next_attempt_at = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(
+        null=True, blank=True, help_text="When a delivery task was last queued for it."
+    )
     claimed_at = models.DateTimeField(null=True, blank=True)
     sent_at = models.DateTimeField(null=True, blank=True)
     acked_at = models.DateTimeField(null=True, blank=True)
@@ -344,7 +354,8 @@ class Page(models.Model):
         ordering = ["created_at", "pk"]
         constraints = [
             models.UniqueConstraint(
-                fields=["incident", "step_index", "person", "round"], name="one_page_per_step"
+                fields=["incident", "plan_version", "step_index", "person", "round"],
+                name="one_page_per_step",
             ),
             models.CheckConstraint(
                 condition=Q(status__in=PageStatus.values), name="page_status_valid"

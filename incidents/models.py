@@ -319,6 +319,15 @@ class EventKind(models.TextChoices):
     RESOLVED = "resolved", "Resolved"
     REOPENED = "reopened", "Reopened"
     CLOSED = "closed", "Closed"
+    TARGET_BREACHED = "target_breached", "Target breached"
+    ESCALATED = "escalated", "Escalated"
+    ESCALATION_REPLANNED = "escalation_replanned", "Escalation re-planned"
+    PAGE_SENT = "page_sent", "Page sent"
+    PAGE_FAILED = "page_failed", "Page failed"
+    PAGE_CANCELLED = "page_cancelled", "Page cancelled"
+    PAGE_UNKNOWN = "page_unknown", "Page outcome unknown"
+    PAGE_BACKUP = "page_backup", "Backup contact tried"
+    ESCALATION_OVERDUE = "escalation_overdue", "Escalation overdue"
 
 
 class TimelineEventQuerySet(models.QuerySet):
