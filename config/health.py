@@ -44,5 +44,13 @@ def broker_ok() -> bool:
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
     database = database_ok()
-    body = {"database": "ok" if database else "down", "broker": "ok" if broker_ok() else "down"}
+    body: dict = {
+        "database": "ok" if database else "down",
+        "broker": "ok" if broker_ok() else "down",
+    }
+    if database:
+        from escalation.services import escalations_overdue
+
+        # The auditor's figure: escalations more than ESCALATION_OVERDUE_AFTER late.
+        body["escalations_overdue"] = escalations_overdue().count()
     return JsonResponse(body, status=200 if database else 503)

@@ -127,6 +127,22 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 EMAIL_TIMEOUT = 10
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "incidents@localhost")
 
+# --- Escalation engine ---------------------------------------------------------------------
+# The engine tick: how often beat asks the database what is due. Short, because lateness of a
+# page is bounded by it; cheap, because each tick reads indexes of what is due only.
+ENGINE_TICK_SECONDS = float(os.environ.get("ENGINE_TICK_SECONDS", "5"))
+# An escalation due this long ago and still not done is reported by the auditor.
+ESCALATION_OVERDUE_AFTER = float(os.environ.get("ESCALATION_OVERDUE_AFTER", "60"))
+# Webhook channels: seconds to wait, and whether loopback/private/link-local targets are
+# allowed (off in production: a webhook must not reach into the tracker's own network).
+WEBHOOK_TIMEOUT = float(os.environ.get("WEBHOOK_TIMEOUT", "5"))
+WEBHOOK_ALLOW_PRIVATE = env_bool("WEBHOOK_ALLOW_PRIVATE", False)
+# A page still `sending` after this many seconds was being sent by a worker that died: its
+# outcome is unknown. Longer than a task's hard time limit, so a slow send is never cut off.
+PAGE_SENDING_STUCK_AFTER = float(os.environ.get("PAGE_SENDING_STUCK_AFTER", "180"))
+# How long an acknowledgement link in a page stays valid.
+ACK_LINK_MAX_AGE = int(os.environ.get("ACK_LINK_MAX_AGE", str(7 * 24 * 3600)))
+
 # --- Celery -------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
 CELERY_BROKER_URL = os.environ.get("CELERY_BROKER_URL") or REDIS_URL or "filesystem://"
@@ -152,20 +168,23 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # The beat schedule is code. Each entry says why its cadence is what it is; the escalation
 # engine's tick joins it with the escalation issue.
-CELERY_BEAT_SCHEDULE: dict = {}
-
-# --- Escalation engine ---------------------------------------------------------------------
-# The engine tick: how often beat asks the database what is due. Short, because lateness of a
-# page is bounded by it; cheap, because each tick reads indexes of what is due only.
-ENGINE_TICK_SECONDS = float(os.environ.get("ENGINE_TICK_SECONDS", "5"))
-# An escalation due this long ago and still not done is reported by the auditor.
-ESCALATION_OVERDUE_AFTER = float(os.environ.get("ESCALATION_OVERDUE_AFTER", "60"))
-# Webhook channels: seconds to wait, and whether loopback/private/link-local targets are
-# allowed (off in production: a webhook must not reach into the tracker's own network).
-WEBHOOK_TIMEOUT = float(os.environ.get("WEBHOOK_TIMEOUT", "5"))
-WEBHOOK_ALLOW_PRIVATE = env_bool("WEBHOOK_ALLOW_PRIVATE", False)
-# How long an acknowledgement link in a page stays valid.
-ACK_LINK_MAX_AGE = int(os.environ.get("ACK_LINK_MAX_AGE", str(7 * 24 * 3600)))
+CELERY_BEAT_SCHEDULE: dict = {
+    # The engine tick: due escalations, breaches, backup methods, stuck sends and deliveries.
+    # A page's lateness is bounded by this interval; the tick is cheap (indexed reads of what
+    # is due), and expires after one interval so ticks queued during an outage do not pile up.
+    "escalation-engine-tick": {
+        "task": "escalation.engine_tick",
+        "schedule": ENGINE_TICK_SECONDS,
+        "options": {"expires": ENGINE_TICK_SECONDS},
+    },
+    # The auditor: escalations more than ESCALATION_OVERDUE_AFTER late mean the tick is not
+    # running (or cannot keep up). Half that period bounds how late the report is.
+    "escalation-auditor": {
+        "task": "escalation.audit_escalations",
+        "schedule": ESCALATION_OVERDUE_AFTER / 2,
+        "options": {"expires": ESCALATION_OVERDUE_AFTER / 2},
+    },
+}
 
 # Seconds the health check waits for the broker before it reports "down".
 HEALTHZ_BROKER_TIMEOUT = float(os.environ.get("HEALTHZ_BROKER_TIMEOUT", "1.0"))

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
+from escalation.business_hours import add_business_time
+
 from .models import OPEN_STATUSES, IncidentStatus
 
 if TYPE_CHECKING:
@@ -20,9 +22,15 @@ if TYPE_CHECKING:
 def due_at(severity: Severity, start: datetime, target: timedelta) -> datetime:
     """The moment a target of `severity` that starts at `start` falls due.
 
-    Every deadline goes through here; a severity's business-hours calendar plugs in here.
+    Every deadline goes through here. Without a calendar, `target` is wall-clock time. With
+    one, it is business time: `add_business_time(severity.calendar, start, target)`, so a
+    start outside business hours waits for the next opening. Reading `severity.calendar`
+    costs one query per severity instance unless the caller loaded it
+    (`select_related("severity__calendar")`); the instance caches it afterwards.
     """
-    return start + target
+    if severity.calendar_id is None:
+        return start + target
+    return add_business_time(severity.calendar, start, target)
 
 
 @dataclass(frozen=True)

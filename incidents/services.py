@@ -144,6 +144,8 @@ def incident_declare(
     if impact not in Impact.values:
         raise InvalidInput("impact", f"{impact!r} is not one of {', '.join(Impact.values)}.")
     deadlines = compute_deadlines(severity, detected_at, now, status=S.TRIGGERED)
+    from escalation.services import plan_fields
+
     with transaction.atomic():
         number = next_number("incident")
         incident = Incident.objects.create(
@@ -161,6 +163,7 @@ def incident_declare(
             updated_at=now,
             detected_at=detected_at,
             **deadlines.as_fields(),
+            **plan_fields(severity=severity, started_at=now),
         )
         services = list(services)
         if services:
@@ -254,6 +257,9 @@ def _transition_locked(
         value=to,
         message=message,
     )
+    from escalation.services import on_status_change
+
+    on_status_change(locked, current, now)
     return locked
 
 
@@ -383,6 +389,9 @@ def incident_change_severity(
             value=severity.name,
             message=reason,
         )
+        from escalation.services import replan
+
+        replan(locked, severity, now)
     return locked
 
 

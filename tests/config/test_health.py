@@ -15,7 +15,7 @@ def test_healthz_reports_database_and_redis_broker_ok(client, redis_url):
     with override_settings(CELERY_BROKER_URL=redis_url, CELERY_BROKER_TRANSPORT_OPTIONS={}):
         response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"database": "ok", "broker": "ok"}
+    assert response.json() == {"database": "ok", "broker": "ok", "escalations_overdue": 0}
 
 
 @pytest.mark.django_db
@@ -28,7 +28,7 @@ def test_healthz_reports_broker_down_but_stays_live(client):
     ):
         response = client.get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"database": "ok", "broker": "down"}
+    assert response.json() == {"database": "ok", "broker": "down", "escalations_overdue": 0}
 
 
 def test_healthz_answers_503_when_the_database_is_unreachable():

@@ -1,0 +1,794 @@
+"""The escalation engine. Every write of this app happens here.
+
+The database drives time: `engine_tick` (a Celery beat task every ENGINE_TICK_SECONDS)
+selects what is due on indexes, in batches, with `select_for_update(skip_locked=True)`, and
+acts; each write is a compare-and-set, so a tick that runs twice, late, or in two beat
+processes at once is harmless. Pages are an outbox: rows move pending -> sending -> sent /
+failed / cancelled / unknown, deliveries read pending rows, and delivery tasks are queued
+only with `transaction.on_commit`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from functools import partial
+from typing import Any
+
+from django.conf import settings
+from django.core import signing
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.urls import reverse
+from django.utils import timezone
+
+from incidents.models import OPEN_STATUSES, EventKind, Incident, IncidentStatus
+from incidents.services import timeline_record
+
+from .models import (
+    ContactMethod,
+    Page,
+    PageAttempt,
+    PageStatus,
+    Person,
+    Rotation,
+    StepCondition,
+    TargetKind,
+)
+from .planning import Plan, next_position, policy_snapshot, step_due_at
+
+logger = logging.getLogger(__name__)
+ENGINE = "escalation engine"
+ACK_SALT = "escalation.page-ack"
+BATCH = 200
+# Temporary failures on one contact method are retried this many times, with this backoff,
+# before the next method takes over.
+RETRY_BACKOFF = (timedelta(seconds=30), timedelta(minutes=2))
+# A queued delivery that has not started after this long is queued again.
+REQUEUE_AFTER = timedelta(seconds=60)
+
+
+class EscalationError(Exception):
+    """A refused escalation request; the message says why."""
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+
+def plan_fields(*, severity, started_at: datetime, version: int = 1) -> dict[str, Any]:
+    """The escalation fields of an incident starting now under `severity`'s policy."""
+    plan = policy_snapshot(severity.escalation_policy, version=version)
+    return {
+        "escalation_plan": plan,
+        "escalation_step": 0,
+        "escalation_round": 0,
+        "escalation_started_at": started_at,
+        "next_escalation_at": step_due_at(plan, started_at, 0, 0),
+    }
+
+
+def _condition_holds(condition: str, status: str) -> bool:
+    if condition == StepCondition.UNACKNOWLEDGED:
+        return status == IncidentStatus.TRIGGERED
+    return status in OPEN_STATUSES
+
+
+def _step(incident: Incident, plan_version: int, step_index: int) -> dict | None:
+    plan = incident.escalation_plan or {}
+    if plan.get("version", 1) != plan_version:
+        return None
+    steps = plan.get("steps") or []
+    return steps[step_index] if step_index < len(steps) else None
+
+
+# --- who gets paged --------------------------------------------------------------------------
+
+
+def resolve_targets(step: dict, *, at: datetime, is_drill: bool = False) -> list[Person]:
+    """The people a step pages at `at`, in target order, each once. Inactive people are left
+    out, and for a drill only those who opted in to drills."""
+    from .oncall import next_in_line, oncall_at
+
+    people: list[Person] = []
+    for target in step.get("targets", []):
+        kind = target["kind"]
+        if kind in (TargetKind.ONCALL, TargetKind.NEXT_IN_LINE):
+            rotation = (
+                Rotation.objects.prefetch_related("members__person", "overrides__person")
+                .filter(pk=target["rotation_id"])
+                .first()
+            )
+            if rotation is None:
+                continue
+            pick = oncall_at if kind == TargetKind.ONCALL else next_in_line
+            person = pick(rotation, at)
+            if person is not None:
+                people.append(person)
+        elif kind == TargetKind.PERSON:
+            people.extend(Person.objects.filter(pk=target["person_id"]))
+        elif kind == TargetKind.TEAM:
+            people.extend(
+                Person.objects.filter(user__teams=target["team_id"]).order_by("name", "pk")
+            )
+    seen: set[int] = set()
+    chosen = []
+    for person in people:
+        if person.pk in seen or not person.is_active or (is_drill and not person.opt_in_drills):
+            continue
+        seen.add(person.pk)
+        chosen.append(person)
+    return chosen
+
+
+# --- escalation ------------------------------------------------------------------------------
+
+
+def _advance_fields(incident: Incident, now: datetime) -> dict[str, Any]:
+    plan = incident.escalation_plan or {}
+    position = next_position(plan, incident.escalation_step, incident.escalation_round)
+    if position is None or incident.escalation_started_at is None:
+        return {"next_escalation_at": None, "escalation_step": incident.escalation_step + 1}
+    step_index, round_ = position
+    return {
+        "escalation_step": step_index,
+        "escalation_round": round_,
+        "next_escalation_at": step_due_at(plan, incident.escalation_started_at, *position),
+    }
+
+
+def _escalate_one(incident: Incident, now: datetime) -> int:
+    """Fire the incident's due step (if its condition holds) and schedule the next.
+    The caller holds the row lock. Returns the number of pages created."""
+    plan: Plan = incident.escalation_plan or {}
+    version = plan.get("version", 1)
+    step_index, round_ = incident.escalation_step, incident.escalation_round
+    due = incident.next_escalation_at
+    steps = plan.get("steps") or []
+    live = incident.status in OPEN_STATUSES and step_index < len(steps)
+    fields: dict[str, Any] = (
+        _advance_fields(incident, now) if live else {"next_escalation_at": None}
+    )
+    changed = Incident.objects.filter(
+        pk=incident.pk,
+        next_escalation_at=due,
+        escalation_step=step_index,
+        escalation_round=round_,
+    ).update(**fields)
+    if not changed or not live:
+        return 0
+    step = steps[step_index]
+    label = f"step {step_index + 1}" + (f", round {round_ + 1}" if round_ else "")
+    if not _condition_holds(step["condition"], incident.status):
+        return 0
+    people = resolve_targets(step, at=now, is_drill=incident.is_drill)
+    if not people:
+        timeline_record(
+            incident=incident,
+            kind=EventKind.ESCALATED,
+            actor=None,
+            actor_label=ENGINE,
+            now=now,
+            value=label,
+            message=f"Escalation {label}: nobody to page (no one on call).",
+        )
+        return 0
+    Page.objects.bulk_create(
+        [
+            Page(
+                incident=incident,
+                plan_version=version,
+                step_index=step_index,
+                round=round_,
+                person=person,
+                due_at=due or now,
+                created_at=now,
+                next_attempt_at=now,
+            )
+            for person in people
+        ]
+    )
+    timeline_record(
+        incident=incident,
+        kind=EventKind.ESCALATED,
+        actor=None,
+        actor_label=ENGINE,
+        now=now,
+        value=label,
+        message=f"Escalation {label} ({step['condition']}): paging "
+        + ", ".join(p.name for p in people)
+        + ".",
+    )
+    return len(people)
+
+
+def escalate_due(*, now: datetime | None = None, batch: int = BATCH) -> int:
+    """Fire every escalation step due by `now` (one step per incident per call), in due
+    order. Safe to run concurrently: rows are claimed with skip_locked and advanced with a
+    compare-and-set. Returns the number of pages created."""
+    now = now or timezone.now()
+    created = 0
+    with transaction.atomic():
+        due = list(
+            Incident.objects.select_for_update(skip_locked=True)
+            .filter(next_escalation_at__lte=now)
+            .order_by("next_escalation_at", "pk")[:batch]
+        )
+        for incident in due:
+            try:
+                with transaction.atomic():
+                    created += _escalate_one(incident, now)
+            except IntegrityError:
+                # The unique page key refused a second page for the same step: another
+                # process already paged it. Nothing to do.
+                logger.warning("duplicate page refused for %s", incident.reference)
+    if created:
+        schedule_deliveries(now=now)
+    return created
+
+
+# --- triggers beyond the clock -----------------------------------------------------------
+
+
+def on_status_change(incident: Incident, previous: str, now: datetime) -> None:
+    """Called by `incidents.services` inside the transition's transaction.
+
+    Acknowledged: pending pages of unacknowledged-steps are cancelled. Resolved or closed:
+    every pending page is cancelled and the escalation stops. Re-opened (a failed
+    resolution): the escalation goes on to its next level at once."""
+    status = incident.status
+    if status in (IncidentStatus.RESOLVED, IncidentStatus.CLOSED):
+        _cancel_pages(incident, now, reason=f"incident {status}", conditions=None)
+        Incident.objects.filter(pk=incident.pk).update(next_escalation_at=None)
+        incident.next_escalation_at = None
+    elif previous == IncidentStatus.TRIGGERED and status != IncidentStatus.TRIGGERED:
+        _cancel_pages(
+            incident, now, reason="incident acknowledged", conditions={StepCondition.UNACKNOWLEDGED}
+        )
+    if previous == IncidentStatus.RESOLVED and status in OPEN_STATUSES and (
+        (incident.escalation_plan or {}).get("steps")
+    ):
+        _escalate_now(incident, now, why="re-opened after a failed resolution")
+
+
+def _cancel_pages(incident: Incident, now: datetime, *, reason: str, conditions) -> int:
+    pages = Page.objects.filter(incident=incident, status__in=[PageStatus.PENDING]).select_related(
+        "person"
+    )
+    cancelled = 0
+    for page in pages:
+        step = _step(incident, page.plan_version, page.step_index)
+        if conditions is not None and step is not None and step["condition"] not in conditions:
+            continue
+        if Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
+            status=PageStatus.CANCELLED, next_attempt_at=None, last_error=reason
+        ):
+            cancelled += 1
+            timeline_record(
+                incident=incident,
+                kind=EventKind.PAGE_CANCELLED,
+                actor=None,
+                actor_label=ENGINE,
+                now=now,
+                value=page.person.name,
+                message=f"Page not sent: {reason}.",
+            )
+    return cancelled
+
+
+def _escalate_now(incident: Incident, now: datetime, *, why: str) -> None:
+    plan = incident.escalation_plan or {}
+    steps = plan.get("steps") or []
+    if not steps:
+        raise EscalationError(f"{incident.reference} has no escalation policy to follow.")
+    fields: dict[str, Any] = {"next_escalation_at": now}
+    if incident.escalation_step >= len(steps) or incident.next_escalation_at is None:
+        # The plan was spent: run its last level again, as a new round.
+        fields.update(
+            escalation_step=len(steps) - 1, escalation_round=incident.escalation_round + 1
+        )
+    if incident.escalation_started_at is None:
+        fields["escalation_started_at"] = now
+    Incident.objects.filter(pk=incident.pk).update(**fields)
+    for name, value in fields.items():
+        setattr(incident, name, value)
+    timeline_record(
+        incident=incident,
+        kind=EventKind.ESCALATED,
+        actor=None,
+        actor_label=ENGINE,
+        now=now,
+        value="next level",
+        message=f"Escalating to the next level: {why}.",
+    )
+
+
+def incident_escalate(
+    *, incident: Incident | int, actor, reason: str = "", now: datetime | None = None
+) -> Incident:
+    """The manual "escalate" action: the next level is paged at the next tick.
+    Refused for incidents that are not open or have no policy."""
+    from incidents.exceptions import InvalidTransition
+
+    now = now or timezone.now()
+    pk = incident.pk if isinstance(incident, Incident) else incident
+    with transaction.atomic():
+        locked = Incident.objects.select_for_update().get(pk=pk)
+        if locked.status not in OPEN_STATUSES:
+            raise InvalidTransition(
+                locked.reference,
+                locked.status,
+                "escalated",
+                "only an open incident can be escalated.",
+            )
+        try:
+            _escalate_now(
+                locked,
+                now,
+                why=f"requested by {actor or 'the system'}" + (f" ({reason})" if reason else ""),
+            )
+        except EscalationError as error:
+            raise InvalidTransition(
+                locked.reference, locked.status, "escalated", str(error)
+            ) from error
+    return locked
+
+
+def replan(incident: Incident, severity, now: datetime) -> None:
+    """A new severity brings its own policy: plan anew, keeping the incident's start, so
+    steps whose time has passed fire at once. Caller holds the lock."""
+    if not incident.is_open:
+        return
+    if (incident.escalation_plan or {}).get("policy_id") == severity.escalation_policy_id:
+        return  # same policy: the running plan stands
+    version = (incident.escalation_plan or {}).get("version", 1) + 1
+    fields = plan_fields(
+        severity=severity, started_at=incident.escalation_started_at or now, version=version
+    )
+    Incident.objects.filter(pk=incident.pk).update(**fields)
+    for name, value in fields.items():
+        setattr(incident, name, value)
+    _cancel_pages(incident, now, reason="re-planned under a new severity", conditions=None)
+    timeline_record(
+        incident=incident,
+        kind=EventKind.ESCALATION_REPLANNED,
+        actor=None,
+        actor_label=ENGINE,
+        now=now,
+        value=fields["escalation_plan"]["policy"] or "no policy",
+        message=f"Escalation re-planned under {severity.name}'s policy.",
+    )
+
+
+# --- delivery -------------------------------------------------------------------------------
+
+
+def ack_token(page: Page) -> str:
+    return signing.dumps({"page": page.pk}, salt=ACK_SALT, compress=True)
+
+
+def ack_url(page: Page) -> str:
+    return settings.SITE_URL + reverse("escalation:page-ack", args=[ack_token(page)])
+
+
+def page_from_token(token: str) -> Page:
+    """The page a signed link names; raises signing.BadSignature (or SignatureExpired)."""
+    data = signing.loads(token, salt=ACK_SALT, max_age=settings.ACK_LINK_MAX_AGE)
+    return Page.objects.select_related("incident", "person").get(pk=data["page"])
+
+
+def _enqueue(page_id: int) -> None:
+    from .tasks import deliver_page
+
+    try:
+        deliver_page.delay(page_id)
+    except Exception:  # noqa: BLE001 - the broker is down: the next tick queues it again
+        logger.warning("could not queue delivery of page %s; will retry", page_id, exc_info=True)
+        Page.objects.filter(pk=page_id, status=PageStatus.PENDING).update(enqueued_at=None)
+
+
+def schedule_deliveries(*, now: datetime | None = None, batch: int = BATCH) -> list[int]:
+    """Queue a delivery task, after commit, for each pending page whose attempt is due and
+    that is not already queued. Returns the page ids."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        ids = list(
+            Page.objects.select_for_update(skip_locked=True)
+            .filter(status=PageStatus.PENDING, next_attempt_at__lte=now)
+            .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lte=now - REQUEUE_AFTER))
+            .order_by("next_attempt_at", "pk")
+            .values_list("pk", flat=True)[:batch]
+        )
+        if ids:
+            Page.objects.filter(pk__in=ids).update(enqueued_at=now)
+            for page_id in ids:
+                transaction.on_commit(partial(_enqueue, page_id))
+    return ids
+
+
+def _obsolete(page: Page) -> str:
+    """Why a page should no longer go out, or ''."""
+    incident = page.incident
+    step = _step(incident, page.plan_version, page.step_index)
+    if incident.status not in OPEN_STATUSES:
+        return f"incident {incident.status}"
+    if step is None:
+        return "escalation re-planned"
+    if not _condition_holds(step["condition"], incident.status):
+        return "incident acknowledged"
+    return ""
+
+
+def _methods(person: Person) -> list[ContactMethod]:
+    return list(person.contact_methods.order_by("position", "pk"))
+
+
+def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
+    """Deliver one pending page over its current contact method; idempotent.
+
+    Claims the row (pending -> sending) in a short transaction, sends outside any
+    transaction, then records the attempt and the outcome. A page that is not pending is
+    left alone; a page whose incident no longer needs it is cancelled, never sent.
+    Returns the outcome: sent, retry, backup, failed, cancelled or skipped."""
+    from .channels import DeliveryError, compose_page, send
+
+    now = now or timezone.now()
+    with transaction.atomic():
+        page = (
+            Page.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("incident", "person")
+            .filter(pk=page_id, status=PageStatus.PENDING)
+            .first()
+        )
+        if page is None:
+            return "skipped"
+        reason = _obsolete(page)
+        if reason:
+            Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
+                status=PageStatus.CANCELLED, next_attempt_at=None, last_error=reason
+            )
+            timeline_record(
+                incident=page.incident,
+                kind=EventKind.PAGE_CANCELLED,
+                actor=None,
+                actor_label=ENGINE,
+                now=now,
+                value=page.person.name,
+                message=f"Page not sent: {reason}.",
+            )
+            return "cancelled"
+        methods = _methods(page.person)
+        if page.method_index >= len(methods):
+            _fail(
+                page,
+                now,
+                "no contact method left to try"
+                if methods
+                else f"{page.person.name} has no contact method",
+            )
+            return "failed"
+        method = methods[page.method_index]
+        Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
+            status=PageStatus.SENDING,
+            claimed_at=now,
+            attempts=F("attempts") + 1,
+            channel=method.kind,
+        )
+    error: DeliveryError | None = None
+    try:
+        send(method, compose_page(page, ack_url(page)))
+    except DeliveryError as failure:
+        error = failure
+    except Exception as failure:  # noqa: BLE001 - an unexpected bug must not lose the page
+        logger.exception("delivery of page %s crashed", page.pk)
+        error = DeliveryError(f"unexpected error: {failure}", permanent=False)
+    return _finish(page.pk, method, len(methods), error, timezone.now())
+
+
+def _finish(page_id: int, method: ContactMethod, method_count: int, error, now: datetime) -> str:
+    with transaction.atomic():
+        page = (
+            Page.objects.select_for_update(of=("self",))
+            .select_related("incident", "person")
+            .get(pk=page_id)
+        )
+        PageAttempt.objects.create(
+            page=page,
+            at=now,
+            contact_method=method,
+            channel=method.kind,
+            address=method.address,
+            outcome="sent" if error is None else "failed",
+            error="" if error is None else str(error.reason),
+        )
+        if page.status != PageStatus.SENDING:
+            # The auditor gave up on this send meanwhile; its attempt is on record now.
+            return "late"
+        incident, person = page.incident, page.person
+        if error is None:
+            has_backup = page.method_index + 1 < method_count
+            Page.objects.filter(pk=page.pk).update(
+                status=PageStatus.SENT,
+                sent_at=now,
+                last_error="",
+                backup_at=now + person.backup_after if has_backup else None,
+            )
+            timeline_record(
+                incident=incident,
+                kind=EventKind.PAGE_SENT,
+                actor=None,
+                actor_label=ENGINE,
+                now=now,
+                value=person.name,
+                message=f"Paged {person.name} by {method.get_kind_display()} "
+                f"(step {page.step_index + 1}, round {page.round + 1}).",
+            )
+            return "sent"
+        tries = PageAttempt.objects.filter(page=page, contact_method=method).count()
+        if not error.permanent and tries <= len(RETRY_BACKOFF):
+            Page.objects.filter(pk=page.pk).update(
+                status=PageStatus.PENDING,
+                next_attempt_at=now + RETRY_BACKOFF[tries - 1],
+                enqueued_at=None,
+                last_error=str(error.reason),
+            )
+            return "retry"
+        if page.method_index + 1 < method_count:
+            Page.objects.filter(pk=page.pk).update(
+                status=PageStatus.PENDING,
+                method_index=page.method_index + 1,
+                next_attempt_at=now,
+                enqueued_at=None,
+                last_error=str(error.reason),
+            )
+            timeline_record(
+                incident=incident,
+                kind=EventKind.PAGE_BACKUP,
+                actor=None,
+                actor_label=ENGINE,
+                now=now,
+                value=person.name,
+                message=f"{method.get_kind_display()} to {person.name} failed ({error.reason}); "
+                "trying the backup contact method.",
+            )
+            transaction.on_commit(partial(_enqueue, page.pk))
+            return "backup"
+        _fail(page, now, str(error.reason))
+        return "failed"
+
+
+def _fail(page: Page, now: datetime, reason: str) -> None:
+    Page.objects.filter(pk=page.pk).update(
+        status=PageStatus.FAILED, next_attempt_at=None, last_error=reason
+    )
+    timeline_record(
+        incident=page.incident,
+        kind=EventKind.PAGE_FAILED,
+        actor=None,
+        actor_label=ENGINE,
+        now=now,
+        value=page.person.name,
+        message=f"Could not page {page.person.name}: {reason}.",
+    )
+
+
+def pages_try_backup(*, now: datetime | None = None, batch: int = BATCH) -> int:
+    """Sent pages with no acknowledgement by their `backup_at`: the person's next contact
+    method is tried (the executive contact protocol). Returns how many moved on."""
+    now = now or timezone.now()
+    moved = 0
+    with transaction.atomic():
+        pages = list(
+            Page.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("incident", "person")
+            .filter(status=PageStatus.SENT, acked_at__isnull=True, backup_at__lte=now)
+            .order_by("backup_at", "pk")[:batch]
+        )
+        for page in pages:
+            if _obsolete(page):
+                Page.objects.filter(pk=page.pk).update(backup_at=None)
+                continue
+            Page.objects.filter(pk=page.pk, status=PageStatus.SENT).update(
+                status=PageStatus.PENDING,
+                method_index=page.method_index + 1,
+                next_attempt_at=now,
+                backup_at=None,
+                enqueued_at=None,
+            )
+            timeline_record(
+                incident=page.incident,
+                kind=EventKind.PAGE_BACKUP,
+                actor=None,
+                actor_label=ENGINE,
+                now=now,
+                value=page.person.name,
+                message=f"No acknowledgement from {page.person.name} within "
+                f"{page.person.backup_after}; trying the backup contact method.",
+            )
+            moved += 1
+    if moved:
+        schedule_deliveries(now=now)
+    return moved
+
+
+def pages_recover_stuck(*, now: datetime | None = None, batch: int = BATCH) -> int:
+    """Pages left in `sending` longer than PAGE_SENDING_STUCK_AFTER: the worker died
+    mid-send, so nobody knows whether the message went out. They are marked `unknown` on
+    the record and the timeline, never re-sent over the same method; a backup method, if
+    the person has one, is tried next."""
+    now = now or timezone.now()
+    stuck_after = timedelta(seconds=settings.PAGE_SENDING_STUCK_AFTER)
+    recovered = 0
+    with transaction.atomic():
+        pages = list(
+            Page.objects.select_for_update(skip_locked=True, of=("self",))
+            .select_related("incident", "person")
+            .filter(status=PageStatus.SENDING, claimed_at__lte=now - stuck_after)
+            .order_by("claimed_at", "pk")[:batch]
+        )
+        for page in pages:
+            methods = _methods(page.person)
+            method = methods[page.method_index] if page.method_index < len(methods) else None
+            PageAttempt.objects.create(
+                page=page,
+                at=now,
+                contact_method=method,
+                channel=page.channel,
+                address=method.address if method else "",
+                outcome="unknown",
+                error="the worker stopped during delivery",
+            )
+            more = page.method_index + 1 < len(methods) and not _obsolete(page)
+            Page.objects.filter(pk=page.pk, status=PageStatus.SENDING).update(
+                status=PageStatus.PENDING if more else PageStatus.UNKNOWN,
+                method_index=page.method_index + (1 if more else 0),
+                next_attempt_at=now if more else None,
+                enqueued_at=None,
+                last_error="outcome unknown: the worker stopped during delivery",
+            )
+            timeline_record(
+                incident=page.incident,
+                kind=EventKind.PAGE_UNKNOWN,
+                actor=None,
+                actor_label=ENGINE,
+                now=now,
+                value=page.person.name,
+                message=f"The page to {page.person.name} by {page.channel} may or may not have "
+                "gone out (the worker stopped during delivery); it is not re-sent that way."
+                + (" Trying the backup contact method." if more else ""),
+            )
+            recovered += 1
+    if recovered:
+        schedule_deliveries(now=now)
+    return recovered
+
+
+def page_acknowledge(*, page: Page, now: datetime | None = None) -> Incident:
+    """The signed link in a page was used: acknowledge the incident as its recipient.
+    Single use: a second use is refused. Records who acknowledged on the timeline."""
+    from incidents.exceptions import DomainError
+    from incidents.services import incident_acknowledge
+
+    now = now or timezone.now()
+    with transaction.atomic():
+        locked = (
+            Page.objects.select_for_update(of=("self",))
+            .select_related("person", "person__user", "incident")
+            .get(pk=page.pk)
+        )
+        if locked.acked_at is not None:
+            raise DomainError("This acknowledgement link was already used.")
+        Page.objects.filter(pk=locked.pk).update(acked_at=now, backup_at=None)
+        person = locked.person
+        return incident_acknowledge(
+            incident=locked.incident,
+            actor=person.user,
+            actor_label=f"{person.name} (page link)",
+            now=now,
+        )
+
+
+# --- targets and the auditor ----------------------------------------------------------------
+
+BREACHES = (
+    ("ack_due_at", "ack_breached_at", "acknowledge", "ack_target"),
+    ("resolve_due_at", "resolve_breached_at", "resolve", "resolve_target"),
+    ("next_update_due_at", "update_breached_at", "status update", "update_interval"),
+)
+
+
+def record_breaches(*, now: datetime | None = None, batch: int = BATCH) -> int:
+    """Record each target an open incident has missed, once, on its timeline."""
+    from incidents.formatting import humanize_duration
+
+    now = now or timezone.now()
+    recorded = 0
+    for due_field, stamp, name, target in BREACHES:
+        with transaction.atomic():
+            rows = list(
+                Incident.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("severity")
+                .filter(**{f"{due_field}__lte": now, f"{stamp}__isnull": True})
+                .order_by(due_field, "pk")[:batch]
+            )
+            for incident in rows:
+                if not Incident.objects.filter(pk=incident.pk, **{f"{stamp}__isnull": True}).update(
+                    **{stamp: now}
+                ):
+                    continue
+                late = now - getattr(incident, due_field)
+                timeline_record(
+                    incident=incident,
+                    kind=EventKind.TARGET_BREACHED,
+                    actor=None,
+                    actor_label=ENGINE,
+                    now=now,
+                    value=name,
+                    message=f"The {name} target of {incident.severity.name} "
+                    f"({humanize_duration(getattr(incident.severity, target))}) was missed "
+                    f"(due {getattr(incident, due_field):%Y-%m-%d %H:%M:%S} UTC, "
+                    f"noticed {humanize_duration(late)} later).",
+                )
+                recorded += 1
+    return recorded
+
+
+def escalations_overdue(*, now: datetime | None = None):
+    now = now or timezone.now()
+    limit = now - timedelta(seconds=settings.ESCALATION_OVERDUE_AFTER)
+    return Incident.objects.filter(next_escalation_at__lt=limit)
+
+
+def audit_escalations(*, now: datetime | None = None, batch: int = BATCH) -> int:
+    """Report escalations overdue by more than ESCALATION_OVERDUE_AFTER: a log line each
+    time, and one timeline event per overdue step. Returns how many are overdue."""
+    now = now or timezone.now()
+    overdue = list(escalations_overdue(now=now).order_by("next_escalation_at")[:batch])
+    for incident in overdue:
+        late = now - incident.next_escalation_at
+        logger.error(
+            "escalation overdue: %s step %s due %s, %ss late",
+            incident.reference,
+            incident.escalation_step + 1,
+            incident.next_escalation_at.isoformat(),
+            int(late.total_seconds()),
+        )
+        marker = incident.next_escalation_at.isoformat()
+        if not incident.timeline.filter(kind=EventKind.ESCALATION_OVERDUE, value=marker).exists():
+            timeline_record(
+                incident=incident,
+                kind=EventKind.ESCALATION_OVERDUE,
+                actor=None,
+                actor_label="auditor",
+                now=now,
+                value=marker,
+                message=f"Escalation step {incident.escalation_step + 1} is "
+                f"{int(late.total_seconds())} s overdue: is the engine tick running?",
+            )
+    return len(overdue)
+
+
+# --- the tick -------------------------------------------------------------------------------
+
+
+@dataclass
+class TickReport:
+    breaches: int = 0
+    pages_created: int = 0
+    backups: int = 0
+    recovered: int = 0
+    queued: list[int] = field(default_factory=list)
+
+
+def engine_tick(*, now: datetime | None = None, batch: int = BATCH) -> TickReport:
+    """One pass of the engine: record breaches, fire due steps, move unacknowledged pages to
+    backup methods, recover stuck sends, queue due deliveries. Idempotent and safe to run
+    concurrently. Reads the clock once."""
+    now = now or timezone.now()
+    report = TickReport()
+    report.breaches = record_breaches(now=now, batch=batch)
+    report.pages_created = escalate_due(now=now, batch=batch)
+    report.backups = pages_try_backup(now=now, batch=batch)
+    report.recovered = pages_recover_stuck(now=now, batch=batch)
+    report.queued = schedule_deliveries(now=now, batch=batch)
+    return report
