@@ -88,12 +88,12 @@ def _step(incident: Incident, plan_version: int, step_index: int) -> dict | None
 def resolve_targets(step: dict, *, at: datetime, is_drill: bool = False) -> list[Person]:
     """The people a step pages at `at`, in target order, each once. Inactive people are left
     out, and for a drill only those who opted in to drills."""
-    from .oncall import next_in_line, oncall_at
-
     people: list[Person] = []
     for target in step.get("targets", []):
         kind = target["kind"]
         if kind in (TargetKind.ONCALL, TargetKind.NEXT_IN_LINE):
+            from .oncall import next_in_line, oncall_at
+
             rotation = (
                 Rotation.objects.prefetch_related("members__person", "overrides__person")
                 .filter(pk=target["rotation_id"])
@@ -282,7 +282,7 @@ def _escalate_now(incident: Incident, now: datetime, *, why: str) -> None:
     if not steps:
         raise EscalationError(f"{incident.reference} has no escalation policy to follow.")
     fields: dict[str, Any] = {"next_escalation_at": now}
-    if incident.escalation_step >= len(steps) or incident.next_escalation_at is None:
+    if incident.escalation_step >= len(steps):
         # The plan was spent: run its last level again, as a new round.
         fields.update(
             escalation_step=len(steps) - 1, escalation_round=incident.escalation_round + 1
