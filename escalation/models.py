@@ -268,12 +268,24 @@ class StepTarget(models.Model):
         constraints = [
             models.CheckConstraint(
                 condition=(
-                    Q(kind__in=[TargetKind.ONCALL, TargetKind.NEXT_IN_LINE],
-                      rotation__isnull=False, person__isnull=True, team__isnull=True)
-                    | Q(kind=TargetKind.PERSON, rotation__isnull=True, person__isnull=False,
-                        team__isnull=True)
-                    | Q(kind=TargetKind.TEAM, rotation__isnull=True, person__isnull=True,
-                        team__isnull=False)
+                    Q(
+                        kind__in=[TargetKind.ONCALL, TargetKind.NEXT_IN_LINE],
+                        rotation__isnull=False,
+                        person__isnull=True,
+                        team__isnull=True,
+                    )
+                    | Q(
+                        kind=TargetKind.PERSON,
+                        rotation__isnull=True,
+                        person__isnull=False,
+                        team__isnull=True,
+                    )
+                    | Q(
+                        kind=TargetKind.TEAM,
+                        rotation__isnull=True,
+                        person__isnull=True,
+                        team__isnull=False,
+                    )
                 ),
                 name="step_target_matches_kind",
                 violation_error_message="A target names exactly the rotation, person or team "
@@ -328,9 +340,7 @@ class Page(models.Model):
     step_index = models.PositiveSmallIntegerField()
     round = models.PositiveSmallIntegerField(default=0)
     person = models.ForeignKey(Person, on_delete=models.PROTECT, related_name="pages")
-    status = models.CharField(
-        max_length=20, choices=PageStatus.choices, default=PageStatus.PENDING
-    )
+    status = models.CharField(max_length=20, choices=PageStatus.choices, default=PageStatus.PENDING)
     method_index = models.PositiveSmallIntegerField(
         default=0, help_text="The contact method the next attempt uses."
     )
@@ -362,12 +372,15 @@ class Page(models.Model):
             ),
         ]
         indexes = [
-            models.Index(fields=["next_attempt_at"], name="page_next_attempt",
-                         condition=Q(status="pending")),
-            models.Index(fields=["claimed_at"], name="page_sending",
-                         condition=Q(status="sending")),
-            models.Index(fields=["backup_at"], name="page_backup_due",
-                         condition=Q(status="sent", acked_at__isnull=True)),
+            models.Index(
+                fields=["next_attempt_at"], name="page_next_attempt", condition=Q(status="pending")
+            ),
+            models.Index(fields=["claimed_at"], name="page_sending", condition=Q(status="sending")),
+            models.Index(
+                fields=["backup_at"],
+                name="page_backup_due",
+                condition=Q(status="sent", acked_at__isnull=True),
+            ),
         ]
 
     def __str__(self) -> str:

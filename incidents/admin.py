@@ -211,7 +211,7 @@ class IncidentAdmin(admin.ModelAdmin):
         BreachedFilter,
         "is_drill",
     ]
-    list_select_related = ["severity"]
+    list_select_related = ["severity", "severity__calendar"]
     search_fields = ["reference", "title", "summary"]
     date_hierarchy = "created_at"
     show_full_result_count = False

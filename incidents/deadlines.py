@@ -1,8 +1,9 @@
 """Deadline arithmetic, in one place.
 
 `compute_deadlines` turns a severity's targets into the stored `*_due_at` columns. All of it
-goes through `due_at`, the single point where a business-hours calendar will plug in
-(the escalation issue): "respond within 2 h" becomes "2 business hours" there and nowhere else.
+goes through `due_at`, the single point where a severity's business-hours calendar
+(`escalation.business_hours`) applies: "respond within 2 h" becomes "2 business hours"
+there and nowhere else.
 """
 
 from __future__ import annotations

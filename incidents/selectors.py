@@ -47,7 +47,7 @@ def dashboard(*, now: datetime, limit: int = DASHBOARD_LIMIT) -> list[SeverityGr
     and breached counts per severity, and for each severity its `limit` longest-running
     open incidents, read in order from the partial index on open incidents.
     """
-    groups = [SeverityGroup(severity=s) for s in Severity.objects.all()]
+    groups = [SeverityGroup(severity=s) for s in Severity.objects.select_related("calendar")]
     by_pk = {group.severity.pk: group for group in groups}
     counts = (
         incidents_open()
