@@ -245,8 +245,10 @@ def on_status_change(incident: Incident, previous: str, now: datetime) -> None:
         _cancel_pages(
             incident, now, reason="incident acknowledged", conditions={StepCondition.UNACKNOWLEDGED}
         )
-    if previous == IncidentStatus.RESOLVED and status in OPEN_STATUSES and (
-        (incident.escalation_plan or {}).get("steps")
+    if (
+        previous == IncidentStatus.RESOLVED
+        and status in OPEN_STATUSES
+        and ((incident.escalation_plan or {}).get("steps"))
     ):
         _escalate_now(incident, now, why="re-opened after a failed resolution")
 
@@ -436,7 +438,7 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
     with transaction.atomic():
         page = (
             Page.objects.select_for_update(skip_locked=True, of=("self",))
-            .select_related("incident", "person")
+            .select_related("incident__severity", "person")
             .filter(pk=page_id, status=PageStatus.PENDING)
             .first()
         )
