@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+migrate: export DJANGO_DEBUG ?= true
 migrate: install
 	$(BIN)/python manage.py migrate --no-input
 
+demo: export DJANGO_DEBUG ?= true
 demo: migrate
 	$(BIN)/python manage.py load_demo
 
@@ -33,6 +35,8 @@ run: migrate
 	@echo
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/honcho start -f Procfile
 
+# Tests and benchmarks sign with a throwaway key of their own.
+test bench: export DJANGO_SECRET_KEY := $(or $(DJANGO_SECRET_KEY),test-only-key-not-for-production)
 test: export DATABASE_URL := $(or $(DATABASE_URL),$(TEST_DATABASE_URL))
 test: export REDIS_URL := $(or $(REDIS_URL),$(TEST_REDIS_URL))
 test: install

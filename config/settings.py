@@ -30,8 +30,16 @@ def env_list(name: str, default: str) -> list[str]:
 
 
 DEBUG = env_bool("DJANGO_DEBUG", False)
-# The fallback key is for the embedded demo only; `manage.py check --deploy` flags it.
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "django-insecure-embedded-demo-key-change-me")
+# Signs sessions and the acknowledgement links in pages: it must be secret. Only the embedded
+# demo (DJANGO_DEBUG=true) may run on the built-in, public key.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "DJANGO_SECRET_KEY is not set: set it to a long random value "
+            "(python -c 'import secrets; print(secrets.token_urlsafe(50))')."
+        )
+    SECRET_KEY = "django-insecure-embedded-demo-key-change-me"
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 # Absolute base URL used in links that leave the site (emails, pages).

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import unquote
 from django.contrib.admin.widgets import AutocompleteSelect
 from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponseRedirect
-from django.shortcuts import get_object_or_404
+from django.http import (
+    Http404,
+    HttpRequest,
+    HttpResponseNotAllowed,
+    HttpResponseRedirect,
+    JsonResponse,
+)
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html_join
-from django.views.decorators.http import require_POST
 
 from . import services
 from .deadlines import target_states
@@ -175,6 +182,14 @@ class NoteForm(forms.Form):
     body = forms.CharField(widget=forms.Textarea, max_length=services.MAX_NOTE_LENGTH)
 
 
+class UserAutocomplete(AutocompleteSelect):
+    """The admin's select2 autocomplete, served by the incident admin's own user search,
+    so responders pick people without access to the user directory."""
+
+    def get_url(self):
+        return reverse("admin:incidents_incident_user_autocomplete")
+
+
 class RoleForm(forms.Form):
     role = forms.ModelChoiceField(queryset=Role.objects.all())
     user = forms.ModelChoiceField(queryset=get_user_model().objects.filter(is_active=True))
@@ -184,7 +199,7 @@ class RoleForm(forms.Form):
         if admin_site is not None:
             self.fields["user"] = forms.ModelChoiceField(
                 queryset=self.fields["user"].queryset,
-                widget=AutocompleteSelect(RoleAssignment._meta.get_field("user"), admin_site),
+                widget=UserAutocomplete(RoleAssignment._meta.get_field("user"), admin_site),
             )
 
 
@@ -372,6 +387,16 @@ class IncidentAdmin(admin.ModelAdmin):
         view = self.admin_site.admin_view
         return [
             path(
+                "users/autocomplete/",
+                view(self.user_autocomplete_view),
+                name="incidents_incident_user_autocomplete",
+            ),
+            path(
+                "<path:object_id>/transition/",
+                view(self.transition_view),
+                name="incidents_incident_transition_form",
+            ),
+            path(
                 "<path:object_id>/transition/<str:status>/",
                 view(self.transition_view),
                 name="incidents_incident_transition",
@@ -385,8 +410,31 @@ class IncidentAdmin(admin.ModelAdmin):
             *super().get_urls(),
         ]
 
+    def user_autocomplete_view(self, request):
+        """Active usernames matching `term`, for the role picker (select2's JSON shape)."""
+        if not self.has_change_permission(request):
+            raise PermissionDenied
+        term = request.GET.get("term", "").strip()
+        users = get_user_model().objects.filter(is_active=True).order_by("username")
+        if term:
+            users = users.filter(username__icontains=term)
+        try:
+            page = max(1, int(request.GET.get("page", "1")))
+        except ValueError:
+            page = 1
+        size = 20
+        rows = list(users.values_list("pk", "username")[(page - 1) * size : page * size + 1])
+        return JsonResponse(
+            {
+                "results": [{"id": str(pk), "text": name} for pk, name in rows[:size]],
+                "pagination": {"more": len(rows) > size},
+            }
+        )
+
     def _changeable(self, request: HttpRequest, object_id: str) -> Incident:
-        incident = get_object_or_404(Incident, pk=object_id)
+        incident = self.get_object(request, unquote(object_id))
+        if incident is None:
+            raise Http404("No such incident.")
         if not self.has_change_permission(request, incident):
             raise PermissionDenied
         return incident
@@ -394,37 +442,44 @@ class IncidentAdmin(admin.ModelAdmin):
     def _back(self, incident: Incident) -> HttpResponseRedirect:
         return HttpResponseRedirect(reverse("admin:incidents_incident_change", args=[incident.pk]))
 
-    def transition_view(self, request, object_id, status):
-        return require_POST(self._transition)(request, object_id, status)
-
-    def _transition(self, request, object_id, status):
-        incident = self._changeable(request, object_id)
+    def _run(self, request, incident: Incident, call, success: str) -> HttpResponseRedirect:
+        """Call one service; show its domain error, or `success`, as an admin message."""
         try:
-            if status == IncidentStatus.ACKNOWLEDGED:
-                services.incident_acknowledge(incident=incident, actor=request.user)
-            elif status == IncidentStatus.RESOLVED:
-                services.incident_resolve(
-                    incident=incident,
-                    actor=request.user,
-                    resolution=request.POST.get("message", ""),
-                )
-            else:
-                services.incident_transition(
-                    incident=incident,
-                    to=status,
-                    actor=request.user,
-                    message=request.POST.get("message", ""),
-                )
+            call()
         except DomainError as error:
             self.message_user(request, str(error), messages.ERROR)
         else:
-            self.message_user(request, f"{incident.reference} is now {status}.", messages.SUCCESS)
+            self.message_user(request, success, messages.SUCCESS)
         return self._back(incident)
 
-    def note_view(self, request, object_id):
-        return require_POST(self._note)(request, object_id)
+    def transition_view(self, request, object_id, status=None):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
+        incident = self._changeable(request, object_id)
+        status = status or request.POST.get("to", "")
+        message = request.POST.get("message", "")
+        if status == incident.status:
+            self.message_user(request, f"{incident.reference} is already {status}.", messages.INFO)
+            return self._back(incident)
+        if status == IncidentStatus.ACKNOWLEDGED:
+            call = partial(services.incident_acknowledge, incident=incident, actor=request.user)
+        elif status == IncidentStatus.RESOLVED:
+            call = partial(
+                services.incident_resolve, incident=incident, actor=request.user, resolution=message
+            )
+        else:
+            call = partial(
+                services.incident_transition,
+                incident=incident,
+                to=status,
+                actor=request.user,
+                message=message,
+            )
+        return self._run(request, incident, call, f"{incident.reference} is now {status}.")
 
-    def _note(self, request, object_id):
+    def note_view(self, request, object_id):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
         incident = self._changeable(request, object_id)
         form = NoteForm(request.POST)
         if not form.is_valid():
@@ -432,42 +487,51 @@ class IncidentAdmin(admin.ModelAdmin):
                 request, "The note was not added: it is empty or too long.", messages.ERROR
             )
             return self._back(incident)
-        try:
-            services.incident_add_note(
-                incident=incident, body=form.cleaned_data["body"], actor=request.user
-            )
-        except DomainError as error:
-            self.message_user(request, str(error), messages.ERROR)
-        else:
-            self.message_user(request, "Note added to the timeline.", messages.SUCCESS)
-        return self._back(incident)
+        return self._run(
+            request,
+            incident,
+            partial(
+                services.incident_add_note,
+                incident=incident,
+                body=form.cleaned_data["body"],
+                actor=request.user,
+            ),
+            "Note added to the timeline.",
+        )
 
     def role_view(self, request, object_id):
-        return require_POST(self._role)(request, object_id)
-
-    def _role(self, request, object_id):
+        if request.method != "POST":
+            return HttpResponseNotAllowed(["POST"])
         incident = self._changeable(request, object_id)
         form = RoleForm(request.POST)
         if not form.is_valid():
             problems = "; ".join(f"{k}: {' '.join(v)}" for k, v in form.errors.items())
             self.message_user(request, f"The role was not assigned: {problems}", messages.ERROR)
             return self._back(incident)
-        try:
-            services.incident_assign_role(
+        role, user = form.cleaned_data["role"], form.cleaned_data["user"]
+        return self._run(
+            request,
+            incident,
+            partial(
+                services.incident_assign_role,
                 incident=incident,
-                role=form.cleaned_data["role"],
-                user=form.cleaned_data["user"],
+                role=role,
+                user=user,
                 actor=request.user,
-            )
+            ),
+            f"{role}: {user.get_username()}.",
+        )
+
+    def changeform_view(self, request, object_id=None, form_url="", extra_context=None):
+        """A domain refusal while saving (the incident closed meanwhile, a concurrent change)
+        is shown as a message on the form; nothing is saved."""
+        try:
+            return super().changeform_view(request, object_id, form_url, extra_context)
         except DomainError as error:
-            self.message_user(request, str(error), messages.ERROR)
-        else:
-            self.message_user(
-                request,
-                f"{form.cleaned_data['role']}: {form.cleaned_data['user'].get_username()}.",
-                messages.SUCCESS,
-            )
-        return self._back(incident)
+            self.message_user(request, f"Not saved: {error}", messages.ERROR)
+            if object_id:
+                return HttpResponseRedirect(request.path)
+            return HttpResponseRedirect(reverse("admin:incidents_incident_changelist"))
 
     def render_change_form(self, request, context, add=False, change=False, form_url="", obj=None):
         if obj is not None and obj.pk:
@@ -506,14 +570,20 @@ class IncidentAdmin(admin.ModelAdmin):
                 lambda incident: services.incident_change_severity(
                     incident=incident, severity=severity, actor=request.user
                 ),
+                already=lambda incident: incident.severity_id == severity.pk,
             )
 
         return action
 
-    def _apply(self, request, queryset: QuerySet[Incident], done: str, call) -> None:
-        """Run one service per selected incident; report every refusal with its reason."""
+    def _apply(self, request, queryset: QuerySet[Incident], done: str, call, already=None) -> None:
+        """Run one service per selected incident; report every refusal with its reason, and
+        incidents that were already in the requested state."""
         succeeded: list[str] = []
+        unchanged: list[str] = []
         for incident in queryset.order_by("number"):
+            if already is not None and already(incident):
+                unchanged.append(incident.reference)
+                continue
             try:
                 call(incident)
             except DomainError as error:
@@ -524,6 +594,10 @@ class IncidentAdmin(admin.ModelAdmin):
                 succeeded.append(incident.reference)
         if succeeded:
             self.message_user(request, f"{', '.join(succeeded)} {done}.", messages.SUCCESS)
+        if unchanged:
+            self.message_user(
+                request, f"{', '.join(unchanged)} already {done}: unchanged.", messages.INFO
+            )
 
     @admin.action(description="Acknowledge selected incidents", permissions=["change"])
     def acknowledge(self, request, queryset):
@@ -532,6 +606,7 @@ class IncidentAdmin(admin.ModelAdmin):
             queryset,
             "acknowledged",
             lambda incident: services.incident_acknowledge(incident=incident, actor=request.user),
+            already=lambda incident: incident.is_open and incident.acknowledged_at is not None,
         )
 
     @admin.action(description="Assign me as Incident Commander", permissions=["change"])
@@ -540,6 +615,12 @@ class IncidentAdmin(admin.ModelAdmin):
         if role is None:
             self.message_user(request, "There is no Incident Commander role.", messages.ERROR)
             return
+
+        def already(incident):
+            return RoleAssignment.objects.filter(
+                incident=incident, role=role, user=request.user, until__isnull=True
+            ).exists()
+
         self._apply(
             request,
             queryset,
@@ -547,6 +628,7 @@ class IncidentAdmin(admin.ModelAdmin):
             lambda incident: services.incident_assign_role(
                 incident=incident, role=role, user=request.user, actor=request.user
             ),
+            already=already,
         )
 
     @admin.action(description="Resolve selected incidents", permissions=["change"])
@@ -556,6 +638,7 @@ class IncidentAdmin(admin.ModelAdmin):
             queryset,
             "resolved",
             lambda incident: services.incident_resolve(incident=incident, actor=request.user),
+            already=lambda incident: incident.status == IncidentStatus.RESOLVED,
         )
 
 

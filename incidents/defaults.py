@@ -1,5 +1,6 @@
 """Built-in rows every installation starts with: the four roles of the playbooks and the
-permission groups. Used by a data migration and by `load_demo`, so both stay in step."""
+permission groups, as they are now. `load_demo` (and tests) call these; the migrations keep
+frozen copies of what they created."""
 
 from __future__ import annotations
 
@@ -66,8 +67,6 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_roleassignment",
         ],
         "escalation": ["view_team"],
-        # Picking a person for a role uses the user autocomplete, which needs this.
-        "auth": ["view_user"],
     },
     "Incident managers": {
         "incidents": [
@@ -86,7 +85,6 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_roleassignment",
         ],
         "escalation": ["view_team", "add_team", "change_team"],
-        "auth": ["view_user"],
     },
 }
 
@@ -106,7 +104,7 @@ def ensure_roles(apps: Apps) -> None:
 
 
 def ensure_groups(apps: Apps) -> None:
-    """Create the groups with exactly their permissions (adds missing ones, keeps extras)."""
+    """Create the groups and give them at least these permissions (extras an admin added stay)."""
     # Permissions are normally created after migrate; make sure they exist now. Historical
     # app configs have no models module, which create_permissions insists on.
     for config in apps.get_app_configs():

@@ -336,6 +336,11 @@ class TimelineEventQuerySet(models.QuerySet):
 
     update.queryset_only = True
 
+    def delete(self):
+        raise TypeError("The timeline is append-only: events cannot be deleted.")
+
+    delete.queryset_only = True
+
 
 class TimelineEvent(models.Model):
     """One entry of an incident's append-only timeline: the audit log and post-mortem source."""
@@ -343,24 +348,31 @@ class TimelineEvent(models.Model):
     incident = models.ForeignKey(Incident, on_delete=models.CASCADE, related_name="timeline")
     at = models.DateTimeField(default=timezone.now)
     kind = models.CharField(max_length=40, choices=EventKind.choices)
+    # A user who acted is protected from deletion (deactivate them instead), so the audit
+    # log never loses who did what; `actor_label` keeps the name as it was at the time.
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
         blank=True,
-        on_delete=models.SET_NULL,
+        on_delete=models.PROTECT,
         related_name="+",
     )
-    # Who acted when it was not a user: "system", an integration, the escalation engine.
-    actor_label = models.CharField(max_length=100, blank=True)
-    previous = models.CharField(max_length=255, blank=True)
-    value = models.CharField(max_length=255, blank=True)
+    # The username of a user who acted, or who acted otherwise: "system", an integration,
+    # the escalation engine, "Ann (page link)".
+    actor_label = models.CharField(max_length=150, blank=True)
+    previous = models.TextField(blank=True)
+    value = models.TextField(blank=True)
     message = models.TextField(blank=True)
 
     objects = TimelineEventQuerySet.as_manager()
 
     class Meta:
         ordering = ["at", "pk"]
-        indexes = [models.Index(fields=["incident", "at"], name="timeline_incident_at")]
+        indexes = [
+            models.Index(fields=["incident", "at"], name="timeline_incident_at"),
+            # The timeline admin lists every incident's events newest first.
+            models.Index(fields=["at", "id"], name="timeline_at"),
+        ]
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} at {self.at:%Y-%m-%d %H:%M:%S}"
@@ -370,10 +382,11 @@ class TimelineEvent(models.Model):
             raise TypeError("The timeline is append-only: events cannot be changed.")
         super().save(*args, **kwargs)
 
+    def delete(self, *args, **kwargs):
+        raise TypeError("The timeline is append-only: events cannot be deleted.")
+
     @property
     def actor_display(self) -> str:
-        if self.actor_id:
-            return self.actor.get_username()
         return self.actor_label or "system"
 
 

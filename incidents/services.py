@@ -82,14 +82,17 @@ def timeline_record(
     actor_label: str = "",
 ) -> TimelineEvent:
     """Append one event to an incident's timeline. Call inside the writing transaction."""
+    user = actor if actor is not None and actor.is_authenticated else None
+    if not actor_label:
+        actor_label = user.get_username() if user is not None else "system"
     return TimelineEvent.objects.create(
         incident=incident,
         at=now,
         kind=kind,
-        actor=actor if actor is not None and actor.is_authenticated else None,
-        actor_label=actor_label or ("" if actor is not None else "system"),
-        previous=str(previous)[:255],
-        value=str(value)[:255],
+        actor=user,
+        actor_label=actor_label[:150],
+        previous=str(previous),
+        value=str(value),
         message=message,
     )
 
@@ -489,6 +492,13 @@ def incident_update(
     now = now or timezone.now()
     if "title" in changes:
         changes["title"] = _clean_text("title", changes["title"], required=True, max_length=200)
+    if "services" in changes and not all(isinstance(v, Service) for v in changes["services"]):
+        raise InvalidInput("services", "must be a list of services.")
+    if "team" in changes and changes["team"] is not None and not isinstance(changes["team"], Team):
+        raise InvalidInput("team", "must be a team or empty.")
+    for flag in ("is_drill", "false_positive"):
+        if flag in changes and not isinstance(changes[flag], bool):
+            raise InvalidInput(flag, "must be true or false.")
     if "impact" in changes and changes["impact"] not in Impact.values:
         raise InvalidInput("impact", f"{changes['impact']!r} is not a known impact.")
     with transaction.atomic():
