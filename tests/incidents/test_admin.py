@@ -1,8 +1,10 @@
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
 
 import pytest
+import time_machine
 from django.contrib.auth.models import Group
 from django.contrib.messages import get_messages
 from django.db import connection
@@ -19,6 +21,21 @@ from .factories import ServiceFactory, SeverityFactory, TeamFactory, UserFactory
 pytestmark = pytest.mark.django_db
 S = IncidentStatus
 CHANGELIST = "admin:incidents_incident_changelist"
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+def frozen():
+    """The clock stands still at T0 for the whole test, so SLA texts are exact."""
+    with time_machine.travel(T0, tick=False) as traveller:
+        yield traveller
+
+
+@pytest.fixture
+def frozen_admin(frozen, client, admin_user):
+    """A superuser's client, logged in at the frozen instant (the session dates from T0)."""
+    client.force_login(admin_user)
+    return client
 
 
 @pytest.fixture
@@ -41,6 +58,56 @@ def change_url(incident: Incident) -> str:
 
 def messages_of(response) -> list[str]:
     return [str(m) for m in get_messages(response.wsgi_request)]
+
+
+VOID_ELEMENTS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta"}
+
+
+class InlineGroup(HTMLParser):
+    """The rows and form controls inside the element with id `group_id` (an admin inline).
+
+    `rows` holds one {field name: text} per `tr.form-row`, from its `td.field-<name>` cells;
+    `controls` the attributes of every input, select and textarea in the group.
+    """
+
+    def __init__(self, group_id: str) -> None:
+        super().__init__()
+        self.group_id = group_id
+        self.found = False
+        self.rows: list[dict[str, str]] = []
+        self.controls: list[dict[str, str]] = []
+        self._depth = 0  # open elements inside the group; 0 outside it
+        self._cell: str | None = None
+
+    def handle_starttag(self, tag, attrs):
+        attributes = {name: value or "" for name, value in attrs}
+        classes = attributes.get("class", "").split()
+        if not self._depth:
+            if attributes.get("id") == self.group_id:
+                self.found, self._depth = True, 1
+            return
+        if tag in {"input", "select", "textarea"}:
+            self.controls.append({"tag": tag, **attributes})
+        elif tag == "tr" and "form-row" in classes:
+            self.rows.append({})
+        elif tag == "td" and self.rows:
+            fields = [c.removeprefix("field-") for c in classes if c.startswith("field-")]
+            self._cell = fields[0] if fields else None
+            if self._cell:
+                self.rows[-1][self._cell] = ""
+        if tag not in VOID_ELEMENTS:
+            self._depth += 1
+
+    def handle_endtag(self, tag):
+        if not self._depth or tag in VOID_ELEMENTS:
+            return
+        self._depth -= 1
+        if tag == "td":
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._depth and self._cell:
+            self.rows[-1][self._cell] = " ".join((self.rows[-1][self._cell] + data).split())
 
 
 def bulk_incidents(count: int, *, start: int = 1000) -> None:
@@ -106,56 +173,90 @@ def test_dashboard_runs_the_same_queries_with_10_and_1000_incidents(admin_client
     assert count_queries(admin_client, reverse("admin:index")) == small
 
 
-def test_dashboard_shows_open_incidents_by_severity_with_sla_state(admin_client):
+def bulk_timeline(total: int) -> None:
+    """Three more incidents, then events on them until there are `total` in all: notes,
+    edits and role changes, by two users and by the system."""
+    incidents = [declare(title=f"Incident {n}") for n in range(3)]
+    users = [UserFactory(username="ann"), UserFactory(username="ben"), None]
+    kinds = [EventKind.NOTE, EventKind.EDITED, EventKind.ROLE_ASSIGNED]
     now = timezone.now()
+    TimelineEvent.objects.bulk_create(
+        TimelineEvent(
+            incident=incidents[n % 3],
+            at=now + timedelta(seconds=n),
+            kind=kinds[n % 3],
+            actor=users[n % 3],
+            actor_label=users[n % 3].username if users[n % 3] else "system",
+            message=f"event {n}",
+        )
+        for n in range(total - TimelineEvent.objects.count())
+    )
+
+
+@pytest.mark.parametrize("query", ["", "?kind__exact=note", "?q=INC-"])
+def test_timeline_changelist_runs_the_same_queries_with_10_and_1000_events(admin_client, query):
+    url = reverse("admin:incidents_timelineevent_changelist") + query
+    bulk_timeline(10)
+    assert TimelineEvent.objects.count() == 10
+    small = count_queries(admin_client, url)
+    bulk_timeline(1000)
+    assert TimelineEvent.objects.count() == 1000
+    assert count_queries(admin_client, url) == small
+
+
+def test_dashboard_shows_open_incidents_by_severity_with_sla_state(frozen_admin):
     late = declare(
         severity=SeverityFactory(level=1),
         title="Checkout <b>down</b>",
-        detected_at=now - timedelta(minutes=20),
-        now=now - timedelta(minutes=20),
+        detected_at=T0 - timedelta(minutes=20),
+        now=T0 - timedelta(minutes=20),
     )
-    fresh = declare(severity=SeverityFactory(level=3), title="Slow search", now=now)
-    resolved = declare(severity=SeverityFactory(level=3), title="Old thing", now=now)
+    fresh = declare(severity=SeverityFactory(level=3), title="Slow search", now=T0)
+    resolved = declare(severity=SeverityFactory(level=3), title="Old thing", now=T0)
     services.incident_resolve(incident=resolved, actor=None)
 
-    html = admin_client.get(reverse("admin:index")).content.decode()
+    html = frozen_admin.get(reverse("admin:index")).content.decode()
 
     assert "Open incidents by severity" in html
     assert late.reference in html
     assert fresh.reference in html
     assert resolved.reference not in html
-    assert "acknowledge: breached by 5m" in html  # Sev1 ack target 15 min, detected 20 min ago
-    assert "acknowledge: 1h 59m left" in html or "acknowledge: 2h 00m left" in html
+    # Sev1: acknowledge within 15m, resolve within 4h, detected 20 minutes ago.
+    assert "acknowledge: breached by 5m" in html
+    assert "resolve: 3h 40m left" in html
+    # Sev3: acknowledge within 2h, resolve within 24h, detected now.
+    assert "acknowledge: 2h 00m left" in html
+    assert "resolve: 1d 0h left" in html
     assert "Checkout &lt;b&gt;down&lt;/b&gt;" in html  # incident text is escaped
     assert "1 breached" in html
 
 
-def test_changelist_shows_badges_sla_services_and_commander(admin_client):
+def test_changelist_shows_badges_sla_services_and_commander(frozen_admin):
     incident = declare(services=[ServiceFactory(name="Payments")])
     services.incident_assign_role(
         incident=incident, role=role(), user=UserFactory(username="carol"), actor=None
     )
-    html = admin_client.get(reverse(CHANGELIST)).content.decode()
+    html = frozen_admin.get(reverse(CHANGELIST)).content.decode()
     assert 'class="badge sev sev-1"' in html
     assert 'class="badge status-triggered"' in html
-    assert "acknowledge: 15m left" in html or "acknowledge: 14m left" in html
+    assert "acknowledge: 15m left" in html
+    assert "resolve: 4h 00m left" in html
     assert "Payments" in html
     assert "carol" in html
 
 
-def test_changelist_filters_breached_and_drill(admin_client):
-    now = timezone.now()
-    breached = declare(title="Late one", detected_at=now - timedelta(hours=1), now=now)
-    on_time = declare(title="On time", now=now)
-    drill = declare(title="Tabletop", is_drill=True, now=now)
+def test_changelist_filters_breached_and_drill(frozen_admin):
+    breached = declare(title="Late one", detected_at=T0 - timedelta(hours=1), now=T0)
+    on_time = declare(title="On time", now=T0)
+    drill = declare(title="Tabletop", is_drill=True, now=T0)
     url = reverse(CHANGELIST)
-    html = admin_client.get(url + "?breached=yes").content.decode()
+    html = frozen_admin.get(url + "?breached=yes").content.decode()
     assert breached.reference in html
     assert on_time.reference not in html
-    html = admin_client.get(url + "?breached=no").content.decode()
+    html = frozen_admin.get(url + "?breached=no").content.decode()
     assert on_time.reference in html
     assert breached.reference not in html
-    html = admin_client.get(url + "?is_drill__exact=1").content.decode()
+    html = frozen_admin.get(url + "?is_drill__exact=1").content.decode()
     assert drill.reference in html
     assert on_time.reference not in html
 
@@ -207,20 +308,54 @@ def test_bulk_change_severity_goes_through_the_service(client, responder):
     assert (event.previous, event.value, event.actor) == ("Sev1", "Sev3", responder)
 
 
-def test_viewer_sees_incidents_but_gets_no_actions_and_cannot_transition(client, viewer):
-    incident = declare()
+def test_bulk_change_severity_refuses_a_closed_incident_and_changes_the_open_one(client, responder):
+    sev1, sev3 = SeverityFactory(level=1), SeverityFactory(level=3)
+    closed, open_one = declare(severity=sev1, title="done"), declare(severity=sev1, title="open")
+    services.incident_resolve(incident=closed, actor=None)
+    services.incident_close(incident=closed, actor=None)
+    closed_before = Incident.objects.values().get(pk=closed.pk)
+    closed_events = closed.timeline.count()
+
+    response = client.post(
+        reverse(CHANGELIST),
+        {"action": "set_severity_3", "_selected_action": [closed.pk, open_one.pk]},
+        follow=True,
+    )
+
+    notes = messages_of(response)
+    assert (
+        f"{closed.reference} refused: {closed.reference} cannot go from closed to severity "
+        "Sev3: a closed incident cannot change." in notes
+    ), notes
+    assert f"{open_one.reference} changed to Sev3." in notes, notes
+    assert Incident.objects.values().get(pk=closed.pk) == closed_before
+    assert closed.timeline.count() == closed_events
+    open_one.refresh_from_db()
+    assert open_one.severity == sev3
+    assert open_one.timeline.filter(kind=EventKind.SEVERITY_CHANGED).count() == 1
+
+
+def test_viewer_sees_incidents_but_cannot_change_them_by_any_route(client, viewer):
+    SeverityFactory(level=3)  # so a `set_severity_3` action exists for those who may change
+    incident = declare(severity=SeverityFactory(level=1))
+    before = Incident.objects.values().get(pk=incident.pk)
     response = client.get(reverse(CHANGELIST))
     assert response.status_code == 200
     assert 'name="action"' not in response.content.decode()
-    response = client.post(
-        reverse("admin:incidents_incident_transition", args=[incident.pk, "acknowledged"])
-    )
-    assert response.status_code == 403
-    response = client.post(
-        reverse(CHANGELIST), {"action": "acknowledge", "_selected_action": [incident.pk]}
-    )
-    incident.refresh_from_db()
-    assert incident.status == S.TRIGGERED
+    for url, data in [
+        (reverse("admin:incidents_incident_transition", args=[incident.pk, "acknowledged"]), {}),
+        (reverse("admin:incidents_incident_note", args=[incident.pk]), {"body": "hello"}),
+        (
+            reverse("admin:incidents_incident_assign_role", args=[incident.pk]),
+            {"role": role().pk, "user": viewer.pk},
+        ),
+    ]:
+        assert client.post(url, data).status_code == 403, url
+    for action in ["acknowledge", "set_severity_3"]:
+        client.post(reverse(CHANGELIST), {"action": action, "_selected_action": [incident.pk]})
+    assert Incident.objects.values().get(pk=incident.pk) == before
+    assert list(incident.timeline.values_list("kind", flat=True)) == [EventKind.DECLARED]
+    assert not RoleAssignment.objects.exists()
     html = client.get(change_url(incident)).content.decode()
     assert "data-transition" not in html
     assert "Add a note" not in html
@@ -274,11 +409,23 @@ def test_role_form_assigns_a_role_with_a_timeline_event(admin_client):
 
 def test_change_page_has_role_autocomplete_and_read_only_timeline(admin_client):
     incident = declare()
+    services.incident_acknowledge(incident=incident, actor=None)
     html = admin_client.get(change_url(incident)).content.decode()
     assert "admin-autocomplete" in html  # the role picker's user field
-    assert 'id="timeline-group"' in html or "Timeline" in html
-    assert 'name="timeline-0-message"' not in html  # no editable timeline fields
-    assert "Declared" in html
+
+    timeline = InlineGroup("timeline-group")
+    timeline.feed(html)
+    timeline.close()
+
+    assert timeline.found, "no timeline inline on the change page"
+    assert [row.get("kind") for row in timeline.rows] == ["Declared", "Acknowledged"]
+    assert timeline.rows[0]["actor_name"] == "system"
+    # Only the formset's hidden bookkeeping: nothing to type in, no field of an event.
+    editable = [c for c in timeline.controls if c.get("type") != "hidden"]
+    assert editable == []
+    event_fields = {"at", "kind", "actor", "actor_label", "previous", "value", "message"}
+    named = {c.get("name", "").rsplit("-", 1)[-1] for c in timeline.controls}
+    assert not named & event_fields, named
 
 
 def test_add_form_declares_through_the_service(admin_client, admin_user):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from django.apps import apps
 from django.urls import reverse
 from selenium import webdriver
 from selenium.common.exceptions import TimeoutException
@@ -23,6 +24,7 @@ from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as EC
 from selenium.webdriver.support.ui import WebDriverWait
 
+from incidents.defaults import ensure_groups, ensure_roles
 from incidents.models import EventKind, Incident, IncidentStatus, TimelineEvent
 from tests.incidents.factories import UserFactory, declare
 
@@ -121,7 +123,12 @@ def timeline_rows(driver: WebDriver) -> list[tuple[str, str]]:
 def test_responder_acknowledges_an_incident_from_its_change_page(
     live_server, browser: WebDriver, plain_static_storage
 ):
-    user = UserFactory(username="responder", is_superuser=True)
+    # The live server's database is flushed after every test, groups and roles with it.
+    ensure_groups(apps)
+    ensure_roles(apps)
+    user = UserFactory(username="responder", groups=["Responders"])
+    assert not user.is_superuser
+    assert user.has_perms(["incidents.change_incident", "incidents.view_timelineevent"])
     incident = declare(title="Checkout is down")
     changelist = reverse("admin:incidents_incident_changelist")
     change_page = reverse("admin:incidents_incident_change", args=[incident.pk])

@@ -2,6 +2,7 @@ from datetime import UTC, datetime, timedelta
 from io import StringIO
 
 import pytest
+import time_machine
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 from django.urls import reverse
@@ -89,10 +90,26 @@ def test_date_drill_down_offers_the_months_in_range_without_scanning(admin_clien
     assert response.url.endswith("?e=1")
 
 
-def test_deadline_rows_are_visible_to_the_breached_filter_after_time_passes(admin_client):
-    now = datetime.now(UTC)
-    incident = declare(now=now - timedelta(minutes=16), detected_at=now - timedelta(minutes=16))
-    html = admin_client.get(
-        reverse("admin:incidents_incident_changelist") + "?breached=yes"
-    ).content.decode()
-    assert incident.reference in html
+def test_deadline_rows_are_visible_to_the_breached_filter_after_time_passes(client, admin_user):
+    declared = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+    url = reverse("admin:incidents_incident_changelist")
+    with time_machine.travel(declared, tick=False) as clock:
+        client.force_login(admin_user)
+        incident = declare()  # Sev1: acknowledge within 15 minutes
+        html = client.get(url).content.decode()
+        assert "acknowledge: 15m left" in html
+
+        clock.shift(timedelta(minutes=14, seconds=59))
+        assert incident.reference not in client.get(url + "?breached=yes").content.decode()
+        html = client.get(url + "?breached=no").content.decode()
+        assert incident.reference in html
+        assert "acknowledge: 1s left" in html
+
+        clock.shift(timedelta(seconds=1))  # exactly due: breached from now on
+        assert incident.reference in client.get(url + "?breached=yes").content.decode()
+
+        clock.shift(timedelta(minutes=5))
+        html = client.get(url + "?breached=yes").content.decode()
+        assert incident.reference in html
+        assert "acknowledge: breached by 5m" in html
+        assert incident.reference not in client.get(url + "?breached=no").content.decode()

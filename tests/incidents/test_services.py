@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import itertools
+import queue
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connection, connections, transaction
 
 from incidents import services
 from incidents.exceptions import InvalidInput, InvalidTransition
@@ -34,6 +36,7 @@ pytestmark = pytest.mark.django_db
 S = IncidentStatus
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)
+DETECTED = T0 - 5 * MIN
 
 # A path of legal moves from triggered to each status.
 PATHS = {
@@ -59,6 +62,8 @@ def incident_in(status: str, *, actor=None, level: int = 1) -> Incident:
 ALL_PAIRS = list(itertools.product(S.values, S.values))
 LEGAL = [(a, b) for a, b in ALL_PAIRS if b in TRANSITIONS[a]]
 ILLEGAL = [(a, b) for a, b in ALL_PAIRS if a != b and b not in TRANSITIONS[a]]
+# Legal moves back into a working state the path to `a` already entered (and stamped).
+REENTRIES = [(a, b) for a, b in LEGAL if b in PATHS[a] and b not in {S.RESOLVED, S.CLOSED}]
 
 
 def test_transition_table_covers_every_status_and_closed_is_final():
@@ -67,6 +72,11 @@ def test_transition_table_covers_every_status_and_closed_is_final():
     assert all(S.TRIGGERED not in targets for targets in TRANSITIONS.values())
     assert len(LEGAL) == 20
     assert len(ILLEGAL) == 22
+    assert REENTRIES == [
+        (S.MITIGATING, S.INVESTIGATING),
+        (S.MONITORING, S.INVESTIGATING),
+        (S.MONITORING, S.MITIGATING),
+    ]
 
 
 @pytest.mark.parametrize(("current", "to"), LEGAL)
@@ -74,22 +84,25 @@ def test_legal_transition_moves_stamps_and_records_one_event(current, to):
     user = UserFactory()
     incident = incident_in(current, actor=user)
     events_before = incident.timeline.count()
+    earlier = Incident.objects.values_list(STATUS_TIMESTAMP[to], flat=True).get(pk=incident.pk)
     at = T0 + timedelta(hours=1)
 
     moved = services.incident_transition(incident=incident, to=to, actor=user, now=at)
 
     moved.refresh_from_db()
     assert moved.status == to
-    stamp = STATUS_TIMESTAMP[to]
     if current == S.RESOLVED and to == S.INVESTIGATING:
         assert moved.reopened_at == at
         assert moved.reopened_count == 1
         assert moved.resolved_at is None
+    # First entry stamps now; re-entering a working state keeps the first stamp.
+    stamp = STATUS_TIMESTAMP[to]
+    if (current, to) in REENTRIES:
+        assert earlier is not None
+        assert earlier < at
+        assert getattr(moved, stamp) == earlier
     else:
-        # First entry stamps now; re-entering a working state keeps the first stamp.
-        assert getattr(moved, stamp) is not None
-        if getattr(incident, stamp) is None or to in {S.RESOLVED, S.CLOSED}:
-            assert getattr(moved, stamp) == at
+        assert getattr(moved, stamp) == at
     event = moved.timeline.order_by("-pk").first()
     assert moved.timeline.count() == events_before + 1
     assert (event.previous, event.value, event.actor, event.at) == (current, to, user, at)
@@ -182,15 +195,74 @@ def test_severity_change_rebases_deadlines_on_detection(old, new):
     )
 
 
-def test_reopen_restores_resolve_deadline_and_restarts_update_cadence():
-    incident = incident_in(S.RESOLVED, level=2)
+def deadlines_of(incident: Incident) -> tuple:
+    """The stored pending deadlines, read back from the database."""
+    return Incident.objects.values_list(
+        "ack_due_at", "resolve_due_at", "next_update_due_at", "next_escalation_at"
+    ).get(pk=incident.pk)
+
+
+def declared_after_detection(level: int) -> Incident:
+    """Declared at T0 for a problem detected 5 minutes earlier, so the two bases differ."""
+    return declare(severity=SeverityFactory(level=level), detected_at=DETECTED, now=T0)
+
+
+@pytest.mark.parametrize("to", [S.MITIGATING, S.MONITORING])
+@pytest.mark.parametrize("level", sorted(SEVERITY_TARGETS))
+def test_working_states_keep_resolve_from_detection_and_update_from_declaration(level, to):
+    _, resolve, update = SEVERITY_TARGETS[level]
+    incident = declared_after_detection(level)
+    for step, status in enumerate(PATHS[to], start=1):
+        services.incident_transition(incident=incident, to=status, actor=None, now=T0 + step * MIN)
+
+    ack_due, resolve_due, update_due, _ = deadlines_of(incident)
+    assert Incident.objects.get(pk=incident.pk).status == to
+    assert ack_due is None
+    assert resolve_due == DETECTED + resolve
+    # No status update was posted: the cadence still counts from the declaration.
+    assert update_due == T0 + update
+
+
+@pytest.mark.parametrize("level", sorted(SEVERITY_TARGETS))
+def test_reopen_restores_resolve_deadline_and_restarts_update_cadence(level):
+    _, resolve, update = SEVERITY_TARGETS[level]
+    incident = declared_after_detection(level)
+    services.incident_acknowledge(incident=incident, actor=None, now=T0 + MIN)
+    services.incident_resolve(incident=incident, actor=None, now=T0 + 2 * MIN)
     at = T0 + 30 * 60 * MIN
+
     incident = services.incident_reopen(incident=incident, actor=None, reason="errors back", now=at)
-    ack, resolve, update = SEVERITY_TARGETS[2]
+
     assert incident.status == S.INVESTIGATING
-    assert incident.resolve_due_at == T0 + resolve  # still measured from detection: breached
-    assert incident.next_update_due_at == at + update
-    assert incident.ack_due_at is None
+    assert incident.reopened_at == at
+    ack_due, resolve_due, update_due, _ = deadlines_of(incident)
+    assert ack_due is None
+    assert resolve_due == DETECTED + resolve  # still measured from detection
+    assert update_due == at + update  # the cadence restarts at the re-open
+
+
+@pytest.mark.parametrize("level", sorted(SEVERITY_TARGETS))
+def test_severity_change_on_a_resolved_incident_records_it_and_sets_no_deadline(level):
+    incident = declared_after_detection(level)
+    services.incident_resolve(incident=incident, actor=None, now=T0 + MIN)
+    assert deadlines_of(incident) == (None, None, None, None)
+    events_before = incident.timeline.count()
+    new = SeverityFactory(level=level % 4 + 1)
+
+    services.incident_change_severity(
+        incident=incident, severity=new, actor=None, reason="reclassified", now=T0 + 2 * MIN
+    )
+
+    assert Incident.objects.get(pk=incident.pk).severity == new
+    assert deadlines_of(incident) == (None, None, None, None)
+    assert incident.timeline.count() == events_before + 1
+    event = incident.timeline.order_by("-pk").first()
+    assert (event.kind, event.previous, event.value, event.message) == (
+        EventKind.SEVERITY_CHANGED,
+        f"Sev{level}",
+        new.name,
+        "reclassified",
+    )
 
 
 def test_reopen_refuses_an_incident_that_is_not_resolved():
@@ -409,45 +481,71 @@ def test_concurrent_declarations_get_distinct_consecutive_references():
     assert Incident.objects.values("reference").distinct().count() == 40
 
 
-@pytest.mark.django_db(transaction=True)
-def test_acknowledge_and_resolve_racing_leave_one_consistent_history():
-    incident = incident_in(S.TRIGGERED)
-    barrier = threading.Barrier(2)
-    outcomes: list[str] = []
+def backend_pid(conn) -> int:
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
 
-    def run(call):
+
+def wait_until_blocked(waiter: int, holder: int, *, timeout: float = 10.0) -> None:
+    """Return once backend `waiter` waits on a lock that backend `holder` holds, as
+    PostgreSQL reports it to a third connection; fail after `timeout` seconds."""
+    observer = connections.create_connection(DEFAULT_DB_ALIAS)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            with observer.cursor() as cursor:
+                cursor.execute(
+                    "SELECT wait_event_type, %s = ANY(pg_blocking_pids(pid))"
+                    " FROM pg_stat_activity WHERE pid = %s AND datname = current_database()",
+                    [holder, waiter],
+                )
+                row = cursor.fetchone()
+            if row == ("Lock", True):
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"backend {waiter} did not wait on {holder}'s lock: {row}")
+            time.sleep(0.01)
+    finally:
+        observer.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_resolve_waiting_on_the_row_lock_resolves_after_the_acknowledgement_commits():
+    incident = incident_in(S.TRIGGERED)
+    waiter_pids: queue.Queue[int] = queue.Queue()
+    errors: list[BaseException] = []
+
+    def resolve_on_its_own_connection():
         try:
-            barrier.wait(timeout=10)
-            call()
-            outcomes.append("ok")
-        except InvalidTransition:
-            outcomes.append("refused")
+            waiter_pids.put(backend_pid(connection))
+            services.incident_resolve(incident=incident.pk, actor=None)
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
         finally:
             connection.close()
 
-    threads = [
-        threading.Thread(
-            target=run,
-            args=(lambda: services.incident_acknowledge(incident=incident.pk, actor=None),),
-        ),
-        threading.Thread(
-            target=run, args=(lambda: services.incident_resolve(incident=incident.pk, actor=None),)
-        ),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    resolver = threading.Thread(target=resolve_on_its_own_connection)
+    try:
+        with transaction.atomic():
+            Incident.objects.select_for_update().get(pk=incident.pk)
+            resolver.start()
+            wait_until_blocked(waiter_pids.get(timeout=10), holder=backend_pid(connection))
+            # The resolver is parked on our row lock; acknowledge, then commit to release it.
+            services.incident_acknowledge(incident=incident.pk, actor=None)
+    finally:
+        if resolver.ident is not None:
+            resolver.join(timeout=30)
 
+    assert not resolver.is_alive()
+    assert errors == []
     incident.refresh_from_db()
-    kinds = list(incident.timeline.order_by("pk").values_list("kind", flat=True))
-    # Either order ends resolved: ack-then-resolve succeeds twice; resolve-then-ack refuses
-    # the acknowledgement, which then leaves no trace.
     assert incident.status == S.RESOLVED
-    assert sorted(outcomes) in (["ok", "ok"], ["ok", "refused"])
-    assert (EventKind.ACKNOWLEDGED in kinds) == (outcomes.count("ok") == 2)
-    # Whatever the order, the timeline replays to the final status and nothing is doubled.
-    assert kinds[0] == EventKind.DECLARED
-    assert kinds.count(EventKind.RESOLVED) <= 1
-    assert kinds.count(EventKind.ACKNOWLEDGED) <= 1
-    assert incident.timeline.order_by("-pk").first().value == incident.status
+    assert incident.acknowledged_at <= incident.resolved_at
+    events = list(incident.timeline.order_by("pk"))
+    assert [(e.kind, e.previous, e.value) for e in events] == [
+        (EventKind.DECLARED, "", "Sev1"),
+        (EventKind.ACKNOWLEDGED, S.TRIGGERED, S.ACKNOWLEDGED),
+        # The resolver re-read the row once the lock was released: it saw the acknowledgement.
+        (EventKind.RESOLVED, S.ACKNOWLEDGED, S.RESOLVED),
+    ]
