@@ -16,5 +16,9 @@ class TrackerAdminSite(admin.AdminSite):
         context = {"now": timezone.now()}
         if request.user.has_perm("incidents.view_incident"):
             context["dashboard"] = dashboard(now=context["now"])
+        if request.user.has_perm("escalation.view_rotation"):
+            from escalation.selectors import oncall_now_all_teams
+
+            context["oncall_teams"] = oncall_now_all_teams(context["now"])
         context.update(extra_context or {})
         return super().index(request, extra_context=context)

@@ -39,7 +39,7 @@ if not SECRET_KEY:
             "DJANGO_SECRET_KEY is not set: set it to a long random value "
             "(python -c 'import secrets; print(secrets.token_urlsafe(50))')."
         )
-    SECRET_KEY = "django-insecure-embedded-demo-key-change-me"
+    SECRET_KEY = "django-insecure-embedded-demo-key-change-me"  # noqa: S105 - demo only
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 # Absolute base URL used in links that leave the site (emails, pages).

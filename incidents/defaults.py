@@ -43,6 +43,36 @@ ROLES = [
 ]
 
 # Group name -> {app_label: [model permission codenames]}.
+ESCALATION_VIEW = [
+    "view_team",
+    "view_person",
+    "view_contactmethod",
+    "view_rotation",
+    "view_rotationmember",
+    "view_override",
+    "view_businesscalendar",
+    "view_escalationpolicy",
+    "view_escalationstep",
+    "view_steptarget",
+    "view_page",
+    "view_pageattempt",
+]
+ESCALATION_MANAGE = [
+    f"{verb}_{model}"
+    for verb in ("add", "change", "delete")
+    for model in (
+        "person",
+        "contactmethod",
+        "rotation",
+        "rotationmember",
+        "override",
+        "businesscalendar",
+        "escalationpolicy",
+        "escalationstep",
+        "steptarget",
+    )
+]
+
 GROUPS: dict[str, dict[str, list[str]]] = {
     "Viewers": {
         "incidents": [
@@ -53,7 +83,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_role",
             "view_roleassignment",
         ],
-        "escalation": ["view_team"],
+        "escalation": ESCALATION_VIEW,
     },
     "Responders": {
         "incidents": [
@@ -66,7 +96,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_role",
             "view_roleassignment",
         ],
-        "escalation": ["view_team"],
+        "escalation": [*ESCALATION_VIEW, "add_override", "change_override", "delete_override"],
     },
     "Incident managers": {
         "incidents": [
@@ -84,7 +114,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "change_role",
             "view_roleassignment",
         ],
-        "escalation": ["view_team", "add_team", "change_team"],
+        "escalation": [*ESCALATION_VIEW, *ESCALATION_MANAGE, "add_team", "change_team"],
     },
 }
 
