@@ -434,6 +434,7 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
     Returns the outcome: sent, retry, backup, failed, cancelled or skipped."""
     from .channels import DeliveryError, compose_page, send
 
+    clock_injected = now is not None
     now = now or timezone.now()
     with transaction.atomic():
         page = (
@@ -484,7 +485,8 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
     except Exception as failure:  # noqa: BLE001 - an unexpected bug must not lose the page
         logger.exception("delivery of page %s crashed", page.pk)
         error = DeliveryError(f"unexpected error: {failure}", permanent=False)
-    return _finish(page.pk, method, len(methods), error, timezone.now())
+    # The outcome is stamped when the send returned (or at the injected time in tests).
+    return _finish(page.pk, method, len(methods), error, now if clock_injected else timezone.now())
 
 
 def _finish(page_id: int, method: ContactMethod, method_count: int, error, now: datetime) -> str:
