@@ -26,6 +26,8 @@ from .models import (
     EscalationPolicy,
     EscalationStep,
     Override,
+    Page,
+    PageAttempt,
     Person,
     Rotation,
     RotationMember,
@@ -352,8 +354,42 @@ class EscalationPolicyAdmin(admin.ModelAdmin):
     ordering = ["name"]  # annotated querysets drop Meta.ordering
     search_fields = ["name"]
     inlines = [EscalationStepInline]
-    readonly_fields = ["add_step_link"]
-    fields = ["name", "description", "repeat", "repeat_after", "add_step_link"]
+    readonly_fields = ["add_step_link", "preview"]
+    fields = ["name", "description", "repeat", "repeat_after", "add_step_link", "preview"]
+
+    @admin.display(description="If nobody acknowledges (from now)")
+    def preview(self, obj: EscalationPolicy):
+        """The same preview as `manage.py simulate_escalation`: who, when, how."""
+        if obj.pk is None:
+            return "-"
+        from incidents.formatting import humanize_duration
+
+        from .simulation import simulate
+
+        pages = simulate(obj, start=timezone.now())
+        if not pages:
+            return "Nobody would be paged."
+        rows = format_html_join(
+            "",
+            "<tr><td>+{}</td><td>step {}{}</td><td>{}</td><td>{}{}</td><td>{}</td></tr>",
+            (
+                (
+                    humanize_duration(p.offset),
+                    p.step,
+                    f" (round {p.round})" if p.round > 1 else "",
+                    p.person,
+                    p.method,
+                    " (backup)" if p.backup else "",
+                    p.condition,
+                )
+                for p in pages
+            ),
+        )
+        return format_html(
+            '<table class="escalation-preview"><thead><tr><th>When</th><th>Step</th>'
+            "<th>Who</th><th>How</th><th>Condition</th></tr></thead><tbody>{}</tbody></table>",
+            rows,
+        )
 
     def get_queryset(self, request):
         return super().get_queryset(request).annotate(step_total=Count("steps"))
@@ -400,3 +436,72 @@ class EscalationStepAdmin(admin.ModelAdmin):
     @admin.display(description="Targets")
     def targets_display(self, obj: EscalationStep) -> str:
         return _targets_text(obj)
+
+
+class PageAttemptInline(admin.TabularInline):
+    model = PageAttempt
+    fields = ["at", "channel", "address", "outcome", "error"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(Page)
+class PageAdmin(admin.ModelAdmin):
+    """The outbox, read-only: every page with its attempts, as the engine recorded them."""
+
+    list_display = [
+        "created_at",
+        "incident",
+        "person",
+        "step_display",
+        "status",
+        "channel",
+        "attempts",
+        "sent_at",
+        "acked_at",
+    ]
+    list_filter = ["status", "channel"]
+    list_select_related = ["incident", "person"]
+    search_fields = ["incident__reference", "person__name"]
+    show_full_result_count = False
+    inlines = [PageAttemptInline]
+    readonly_fields = [
+        "incident",
+        "person",
+        "plan_version",
+        "step_index",
+        "round",
+        "status",
+        "method_index",
+        "attempts",
+        "channel",
+        "due_at",
+        "created_at",
+        "next_attempt_at",
+        "enqueued_at",
+        "claimed_at",
+        "sent_at",
+        "acked_at",
+        "backup_at",
+        "last_error",
+    ]
+
+    @admin.display(description="Step")
+    def step_display(self, obj: Page) -> str:
+        return f"{obj.step_index + 1} (round {obj.round + 1})"
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False

@@ -273,6 +273,8 @@ def load_demo(*, now: datetime | None = None) -> dict[str, int]:
     team, _ = Team.objects.get_or_create(slug="platform", defaults={"name": "Platform"})
     team.members.add(*people.values())
 
+    _load_escalation(team, people, severities, now)
+
     for slug, name, description in SERVICES:
         _, made = Service.objects.get_or_create(
             slug=slug, defaults={"name": name, "description": description, "team": team}
@@ -326,3 +328,94 @@ def load_demo(*, now: datetime | None = None) -> dict[str, int]:
             )
         created["incidents"] += 1
     return created
+
+
+def _load_escalation(team, people, severities, now) -> None:
+    """People with email contact methods, a weekly rotation, and the paging policies: on call
+    at once, next in line after 15 min (30 min for Sev2), the CTO after 30 min while Sev1 is
+    unresolved (the management matrix of the Alchemorsel and multi-service playbooks)."""
+    from escalation.models import (
+        ContactKind,
+        ContactMethod,
+        EscalationPolicy,
+        EscalationStep,
+        Person,
+        Rotation,
+        RotationMember,
+        StepCondition,
+        StepTarget,
+        TargetKind,
+    )
+
+    persons = {}
+    for username in ("alice", "bob", "carol"):
+        user = people[username]
+        person, _ = Person.objects.get_or_create(
+            user=user, defaults={"name": user.first_name or username}
+        )
+        ContactMethod.objects.get_or_create(
+            person=person,
+            position=0,
+            defaults={"kind": ContactKind.EMAIL, "address": f"{username}@example.com"},
+        )
+        persons[username] = person
+    cto, _ = Person.objects.get_or_create(name="CTO (demo)", user=None)
+    ContactMethod.objects.get_or_create(
+        person=cto, position=0, defaults={"kind": ContactKind.EMAIL, "address": "cto@example.com"}
+    )
+
+    monday = (now - timedelta(days=now.weekday() + 28)).date()
+    rotation, made = Rotation.objects.get_or_create(
+        team=team,
+        name="Platform primary",
+        defaults={
+            "time_zone": "UTC",
+            "shift_length": timedelta(days=7),
+            "handoff_time": "09:00",
+            "start_date": monday,
+        },
+    )
+    if made:
+        for position, username in enumerate(("alice", "bob", "carol")):
+            RotationMember.objects.create(
+                rotation=rotation, person=persons[username], position=position
+            )
+
+    def policy(name, steps, repeat=0):
+        found, made = EscalationPolicy.objects.get_or_create(name=name, defaults={"repeat": repeat})
+        if made:
+            for position, (minutes, condition, kind, target) in enumerate(steps):
+                step = EscalationStep.objects.create(
+                    policy=found,
+                    position=position,
+                    delay=timedelta(minutes=minutes),
+                    condition=condition,
+                )
+                field = (
+                    "rotation" if kind in (TargetKind.ONCALL, TargetKind.NEXT_IN_LINE) else "person"
+                )
+                StepTarget.objects.create(step=step, kind=kind, **{field: target})
+        return found
+
+    unacked, unresolved = StepCondition.UNACKNOWLEDGED, StepCondition.UNRESOLVED
+    sev1 = policy(
+        "Sev1: page, then management",
+        [
+            (0, unacked, TargetKind.ONCALL, rotation),
+            (15, unacked, TargetKind.NEXT_IN_LINE, rotation),
+            (30, unresolved, TargetKind.PERSON, cto),
+        ],
+        repeat=1,
+    )
+    sev2 = policy(
+        "Sev2: page on call",
+        [
+            (0, unacked, TargetKind.ONCALL, rotation),
+            (30, unacked, TargetKind.NEXT_IN_LINE, rotation),
+        ],
+    )
+    for level, chosen in ((1, sev1), (2, sev2)):
+        severity = severities[level]
+        if severity.escalation_policy_id is None:
+            severity.escalation_policy = chosen
+            severity.save(update_fields=["escalation_policy"])
