@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -187,6 +188,18 @@ CELERY_BEAT_SCHEDULE: dict = {
     },
     # The auditor: escalations more than ESCALATION_OVERDUE_AFTER late mean the tick is not
     # running (or cannot keep up). Half that period bounds how late the report is.
+    # Handoff notices: a minute's granularity is plenty for a notice an hour ahead.
+    "escalation-handoff-notices": {
+        "task": "escalation.notify_handoffs",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
+    # The weekly on-call summary, Monday morning; a unique row per team and week keeps a
+    # repeated or late run from sending it twice.
+    "escalation-weekly-summaries": {
+        "task": "escalation.weekly_summaries",
+        "schedule": crontab(minute=0, hour=8, day_of_week=1),
+    },
     "escalation-auditor": {
         "task": "escalation.audit_escalations",
         "schedule": ESCALATION_OVERDUE_AFTER / 2,

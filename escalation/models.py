@@ -405,3 +405,20 @@ class PageAttempt(models.Model):
 
     def __str__(self) -> str:
         return f"{self.channel} {self.outcome} at {self.at:%H:%M:%S}"
+
+
+class OncallNotice(models.Model):
+    """A handoff notice or weekly summary that was sent: the unique key makes each go once."""
+
+    kind = models.CharField(max_length=20)  # "handoff" or "weekly"
+    key = models.CharField(max_length=200)  # rotation and shift start, or team and ISO week
+    recipient = models.CharField(max_length=254)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["kind", "key", "recipient"], name="notice_once")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.key} to {self.recipient}"

@@ -796,3 +796,121 @@ def engine_tick(*, now: datetime | None = None, batch: int = BATCH) -> TickRepor
     report.recovered = pages_recover_stuck(now=now, batch=batch)
     report.queued = schedule_deliveries(now=now, batch=batch)
     return report
+
+
+# --- on-call awareness -------------------------------------------------------------------------
+
+
+def _email_of(person: Person) -> str:
+    method = person.contact_methods.filter(kind="email").order_by("position", "pk").first()
+    if method is not None:
+        return method.address
+    return person.user.email if person.user_id and person.user.email else ""
+
+
+def _send_once(kind: str, key: str, recipient: str, subject: str, body: str) -> bool:
+    """Send one notice unless it was sent already. The unique row is claimed first; if the
+    send fails the claim is dropped, so the next run tries again."""
+    from django.core.mail import send_mail
+
+    from .models import OncallNotice
+
+    try:
+        with transaction.atomic():
+            notice = OncallNotice.objects.create(kind=kind, key=key, recipient=recipient)
+    except IntegrityError:
+        return False
+    try:
+        send_mail(
+            subject.replace("\r", " ").replace("\n", " "),
+            body,
+            settings.DEFAULT_FROM_EMAIL,
+            [recipient],
+        )
+    except Exception:  # noqa: BLE001 - retried at the next run
+        logger.warning("could not send the %s notice to %s", kind, recipient, exc_info=True)
+        OncallNotice.objects.filter(pk=notice.pk).delete()
+        return False
+    return True
+
+
+def _fmt(at: datetime, zone: str) -> str:
+    import zoneinfo
+
+    return at.astimezone(zoneinfo.ZoneInfo(zone)).strftime(f"%a %d %b %H:%M ({zone})")
+
+
+def notify_handoffs(*, now: datetime | None = None) -> int:
+    """Tell each incoming on-call person, once, that their shift starts within the rotation's
+    `handoff_notice`. Beat runs this every minute. Returns how many were told."""
+    from .selectors import prefetch_oncall, rotation_oncall
+
+    now = now or timezone.now()
+    told = 0
+    rotations = prefetch_oncall(Rotation.objects.select_related("team"), at=now)
+    for rotation in rotations:
+        row = rotation_oncall(rotation, now)
+        upcoming = row.upcoming
+        if (
+            upcoming is None
+            or upcoming.person is None
+            or upcoming.start - now > rotation.handoff_notice
+        ):
+            continue
+        if row.oncall is not None and row.oncall.pk == upcoming.person.pk:
+            continue  # the same person carries on
+        address = _email_of(upcoming.person)
+        if not address:
+            continue
+        zone = upcoming.person.time_zone or rotation.time_zone
+        told += _send_once(
+            "handoff",
+            f"rotation:{rotation.pk}:{upcoming.start.isoformat()}",
+            address,
+            f"You are on call for {rotation} from {_fmt(upcoming.start, zone)}",
+            f"Hello {upcoming.person.name},\n\nYou take over {rotation} on call from "
+            f"{_fmt(upcoming.start, zone)} until {_fmt(upcoming.end, zone)}, after "
+            f"{row.oncall.name if row.oncall else 'nobody'}.\n\n{settings.SITE_URL}/admin/\n",
+        )
+    return told
+
+
+def send_weekly_summaries(*, now: datetime | None = None) -> int:
+    """Each team's weekly on-call summary (who is on call, who is next, per rotation), once
+    per ISO week, to the team's summary address or else each active member with an email."""
+    from .models import Team
+    from .selectors import oncall_for_team
+
+    now = now or timezone.now()
+    year, week, _ = now.isocalendar()
+    sent = 0
+    for team in Team.objects.prefetch_related("members").order_by("name"):
+        rows = oncall_for_team(team, now)
+        if not rows:
+            continue
+        lines = []
+        for row in rows:
+            zone = row.rotation.time_zone
+            lines.append(
+                f"- {row.rotation.name}: {row.oncall.name if row.oncall else 'nobody'}"
+                + (f" until {_fmt(row.shift_end, zone)}" if row.shift_end else "")
+                + (
+                    f"; then {row.upcoming.person.name}"
+                    if row.upcoming and row.upcoming.person
+                    else ""
+                )
+            )
+        recipients = (
+            [team.summary_email]
+            if team.summary_email
+            else sorted({u.email for u in team.members.all() if u.is_active and u.email})
+        )
+        for recipient in recipients:
+            sent += _send_once(
+                "weekly",
+                f"team:{team.pk}:{year}-W{week:02d}",
+                recipient,
+                f"On call this week for {team.name}",
+                f"On call for {team.name}, week {week} of {year}:\n\n" + "\n".join(lines) + "\n",
+            )
+    return sent

@@ -30,3 +30,15 @@ def deliver_page(page_id: int) -> str:
 def audit_escalations() -> int:
     """Beat: report escalations overdue by more than ESCALATION_OVERDUE_AFTER."""
     return services.audit_escalations()
+
+
+@shared_task(name="escalation.notify_handoffs", ignore_result=True)
+def notify_handoffs() -> int:
+    """Beat, every minute: tell incoming on-call people before their shift (once each)."""
+    return services.notify_handoffs()
+
+
+@shared_task(name="escalation.weekly_summaries", ignore_result=True)
+def weekly_summaries() -> int:
+    """Beat, weekly: each team's on-call summary (once per team and ISO week)."""
+    return services.send_weekly_summaries()
