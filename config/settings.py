@@ -174,6 +174,9 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TIME_LIMIT = 120
 CELERY_TASK_SOFT_TIME_LIMIT = 100
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# Workers keep reconnecting through a broker outage of any length (the default gives up
+# after 100 tries, about 47 minutes): pages wait in the database meanwhile.
+CELERY_BROKER_CONNECTION_MAX_RETRIES = None
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # The beat schedule is code. Each entry says why its cadence is what it is; the escalation
 # engine's tick joins it with the escalation issue.

@@ -45,12 +45,42 @@ BATCH = 200
 # Temporary failures on one contact method are retried this many times, with this backoff,
 # before the next method takes over.
 RETRY_BACKOFF = (timedelta(seconds=30), timedelta(minutes=2))
-# A queued delivery that has not started after this long is queued again.
-REQUEUE_AFTER = timedelta(seconds=60)
+# A queued delivery that has not started after this long is queued again (the broker may have
+# lost it, e.g. Redis restarted empty). A duplicate is harmless: only a pending page is sent.
+REQUEUE_AFTER = timedelta(seconds=max(15.0, 3 * settings.ENGINE_TICK_SECONDS))
 
 
 class EscalationError(Exception):
     """A refused escalation request; the message says why."""
+
+
+def _engine_event(incident: Incident, kind: str, now: datetime, *, value: str, message: str):
+    """A timeline event written by the engine."""
+    return timeline_record(
+        incident=incident,
+        kind=kind,
+        actor=None,
+        actor_label=ENGINE,
+        now=now,
+        value=value,
+        message=message,
+    )
+
+
+def _cancel_page(page: Page, now: datetime, reason: str) -> bool:
+    """Cancel a pending page (it will never be sent) and say why on the timeline."""
+    if not Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
+        status=PageStatus.CANCELLED, next_attempt_at=None, last_error=reason
+    ):
+        return False
+    _engine_event(
+        page.incident,
+        EventKind.PAGE_CANCELLED,
+        now,
+        value=page.person.name,
+        message=f"Page not sent: {reason}.",
+    )
+    return True
 
 
 # --- plans ----------------------------------------------------------------------------------
@@ -163,12 +193,10 @@ def _escalate_one(incident: Incident, now: datetime) -> int:
         return 0
     people = resolve_targets(step, at=now, is_drill=incident.is_drill)
     if not people:
-        timeline_record(
-            incident=incident,
-            kind=EventKind.ESCALATED,
-            actor=None,
-            actor_label=ENGINE,
-            now=now,
+        _engine_event(
+            incident,
+            EventKind.ESCALATED,
+            now,
             value=label,
             message=f"Escalation {label}: nobody to page (no one on call).",
         )
@@ -188,12 +216,10 @@ def _escalate_one(incident: Incident, now: datetime) -> int:
             for person in people
         ]
     )
-    timeline_record(
-        incident=incident,
-        kind=EventKind.ESCALATED,
-        actor=None,
-        actor_label=ENGINE,
-        now=now,
+    _engine_event(
+        incident,
+        EventKind.ESCALATED,
+        now,
         value=label,
         message=f"Escalation {label} ({step['condition']}): paging "
         + ", ".join(p.name for p in people)
@@ -254,27 +280,15 @@ def on_status_change(incident: Incident, previous: str, now: datetime) -> None:
 
 
 def _cancel_pages(incident: Incident, now: datetime, *, reason: str, conditions) -> int:
-    pages = Page.objects.filter(incident=incident, status__in=[PageStatus.PENDING]).select_related(
-        "person"
+    pages = Page.objects.filter(incident=incident, status=PageStatus.PENDING).select_related(
+        "person", "incident"
     )
     cancelled = 0
     for page in pages:
         step = _step(incident, page.plan_version, page.step_index)
         if conditions is not None and step is not None and step["condition"] not in conditions:
             continue
-        if Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
-            status=PageStatus.CANCELLED, next_attempt_at=None, last_error=reason
-        ):
-            cancelled += 1
-            timeline_record(
-                incident=incident,
-                kind=EventKind.PAGE_CANCELLED,
-                actor=None,
-                actor_label=ENGINE,
-                now=now,
-                value=page.person.name,
-                message=f"Page not sent: {reason}.",
-            )
+        cancelled += _cancel_page(page, now, reason)
     return cancelled
 
 
@@ -294,12 +308,10 @@ def _escalate_now(incident: Incident, now: datetime, *, why: str) -> None:
     Incident.objects.filter(pk=incident.pk).update(**fields)
     for name, value in fields.items():
         setattr(incident, name, value)
-    timeline_record(
-        incident=incident,
-        kind=EventKind.ESCALATED,
-        actor=None,
-        actor_label=ENGINE,
-        now=now,
+    _engine_event(
+        incident,
+        EventKind.ESCALATED,
+        now,
         value="next level",
         message=f"Escalating to the next level: {why}.",
     )
@@ -351,12 +363,10 @@ def replan(incident: Incident, severity, now: datetime) -> None:
     for name, value in fields.items():
         setattr(incident, name, value)
     _cancel_pages(incident, now, reason="re-planned under a new severity", conditions=None)
-    timeline_record(
-        incident=incident,
-        kind=EventKind.ESCALATION_REPLANNED,
-        actor=None,
-        actor_label=ENGINE,
-        now=now,
+    _engine_event(
+        incident,
+        EventKind.ESCALATION_REPLANNED,
+        now,
         value=fields["escalation_plan"]["policy"] or "no policy",
         message=f"Escalation re-planned under {severity.name}'s policy.",
     )
@@ -440,25 +450,14 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
         page = (
             Page.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("incident__severity", "person")
-            .filter(pk=page_id, status=PageStatus.PENDING)
+            .filter(pk=page_id, status=PageStatus.PENDING, next_attempt_at__lte=now)
             .first()
         )
         if page is None:
-            return "skipped"
+            return "skipped"  # not pending, or its retry is not due yet (a stale task)
         reason = _obsolete(page)
         if reason:
-            Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
-                status=PageStatus.CANCELLED, next_attempt_at=None, last_error=reason
-            )
-            timeline_record(
-                incident=page.incident,
-                kind=EventKind.PAGE_CANCELLED,
-                actor=None,
-                actor_label=ENGINE,
-                now=now,
-                value=page.person.name,
-                message=f"Page not sent: {reason}.",
-            )
+            _cancel_page(page, now, reason)
             return "cancelled"
         methods = _methods(page.person)
         if page.method_index >= len(methods):
@@ -517,12 +516,10 @@ def _finish(page_id: int, method: ContactMethod, method_count: int, error, now: 
                 last_error="",
                 backup_at=now + person.backup_after if has_backup else None,
             )
-            timeline_record(
-                incident=incident,
-                kind=EventKind.PAGE_SENT,
-                actor=None,
-                actor_label=ENGINE,
-                now=now,
+            _engine_event(
+                incident,
+                EventKind.PAGE_SENT,
+                now,
                 value=person.name,
                 message=f"Paged {person.name} by {method.get_kind_display()} "
                 f"(step {page.step_index + 1}, round {page.round + 1}).",
@@ -545,12 +542,10 @@ def _finish(page_id: int, method: ContactMethod, method_count: int, error, now: 
                 enqueued_at=None,
                 last_error=str(error.reason),
             )
-            timeline_record(
-                incident=incident,
-                kind=EventKind.PAGE_BACKUP,
-                actor=None,
-                actor_label=ENGINE,
-                now=now,
+            _engine_event(
+                incident,
+                EventKind.PAGE_BACKUP,
+                now,
                 value=person.name,
                 message=f"{method.get_kind_display()} to {person.name} failed ({error.reason}); "
                 "trying the backup contact method.",
@@ -565,12 +560,10 @@ def _fail(page: Page, now: datetime, reason: str) -> None:
     Page.objects.filter(pk=page.pk).update(
         status=PageStatus.FAILED, next_attempt_at=None, last_error=reason
     )
-    timeline_record(
-        incident=page.incident,
-        kind=EventKind.PAGE_FAILED,
-        actor=None,
-        actor_label=ENGINE,
-        now=now,
+    _engine_event(
+        page.incident,
+        EventKind.PAGE_FAILED,
+        now,
         value=page.person.name,
         message=f"Could not page {page.person.name}: {reason}.",
     )
@@ -599,12 +592,10 @@ def pages_try_backup(*, now: datetime | None = None, batch: int = BATCH) -> int:
                 backup_at=None,
                 enqueued_at=None,
             )
-            timeline_record(
-                incident=page.incident,
-                kind=EventKind.PAGE_BACKUP,
-                actor=None,
-                actor_label=ENGINE,
-                now=now,
+            _engine_event(
+                page.incident,
+                EventKind.PAGE_BACKUP,
+                now,
                 value=page.person.name,
                 message=f"No acknowledgement from {page.person.name} within "
                 f"{page.person.backup_after}; trying the backup contact method.",
@@ -650,12 +641,10 @@ def pages_recover_stuck(*, now: datetime | None = None, batch: int = BATCH) -> i
                 enqueued_at=None,
                 last_error="outcome unknown: the worker stopped during delivery",
             )
-            timeline_record(
-                incident=page.incident,
-                kind=EventKind.PAGE_UNKNOWN,
-                actor=None,
-                actor_label=ENGINE,
-                now=now,
+            _engine_event(
+                page.incident,
+                EventKind.PAGE_UNKNOWN,
+                now,
                 value=page.person.name,
                 message=f"The page to {page.person.name} by {page.channel} may or may not have "
                 "gone out (the worker stopped during delivery); it is not re-sent that way."
@@ -721,12 +710,10 @@ def record_breaches(*, now: datetime | None = None, batch: int = BATCH) -> int:
                 ):
                     continue
                 late = now - getattr(incident, due_field)
-                timeline_record(
-                    incident=incident,
-                    kind=EventKind.TARGET_BREACHED,
-                    actor=None,
-                    actor_label=ENGINE,
-                    now=now,
+                _engine_event(
+                    incident,
+                    EventKind.TARGET_BREACHED,
+                    now,
                     value=name,
                     message=f"The {name} target of {incident.severity.name} "
                     f"({humanize_duration(getattr(incident.severity, target))}) was missed "

@@ -40,6 +40,21 @@ from .pagination import EstimatedCountPaginator
 from .selectors import COMMANDER_SLUG, incidents_breached, incidents_with_commander
 
 ADMIN_CSS = {"all": ["incidents/admin.css"]}
+# Stamped by the services, shown read-only.
+TIMESTAMP_FIELDS = [
+    "created_at",
+    "declared_by",
+    "acknowledged_at",
+    "investigating_at",
+    "mitigating_at",
+    "monitoring_at",
+    "resolved_at",
+    "closed_at",
+    "reopened_count",
+    "ack_due_at",
+    "resolve_due_at",
+    "next_update_due_at",
+]
 
 
 @admin.register(Service)
@@ -235,23 +250,7 @@ class IncidentAdmin(admin.ModelAdmin):
     autocomplete_fields = ["services", "team"]
     inlines = [TimelineInline]
     actions = ["acknowledge", "assign_me_commander", "resolve"]
-    readonly_fields = [
-        "reference",
-        "status_display",
-        "created_at",
-        "declared_by",
-        "acknowledged_at",
-        "investigating_at",
-        "mitigating_at",
-        "monitoring_at",
-        "resolved_at",
-        "closed_at",
-        "reopened_count",
-        "ack_due_at",
-        "resolve_due_at",
-        "next_update_due_at",
-        "sla_display",
-    ]
+    readonly_fields = ["reference", "status_display", *TIMESTAMP_FIELDS, "sla_display"]
     change_form_template = "admin/incidents/incident/change_form.html"
 
     class Media:
@@ -315,21 +314,7 @@ class IncidentAdmin(admin.ModelAdmin):
                 "Timestamps and deadlines",
                 {
                     "classes": ["collapse"],
-                    "fields": [
-                        "detected_at",
-                        "created_at",
-                        "declared_by",
-                        "acknowledged_at",
-                        "investigating_at",
-                        "mitigating_at",
-                        "monitoring_at",
-                        "resolved_at",
-                        "closed_at",
-                        "reopened_count",
-                        "ack_due_at",
-                        "resolve_due_at",
-                        "next_update_due_at",
-                    ],
+                    "fields": ["detected_at", *TIMESTAMP_FIELDS],
                 },
             ),
         ]
