@@ -249,7 +249,7 @@ class IncidentAdmin(admin.ModelAdmin):
     list_per_page = 50
     autocomplete_fields = ["services", "team"]
     inlines = [TimelineInline]
-    actions = ["acknowledge", "assign_me_commander", "resolve"]
+    actions = ["acknowledge", "assign_me_commander", "escalate", "resolve"]
     readonly_fields = ["reference", "status_display", *TIMESTAMP_FIELDS, "sla_display"]
     change_form_template = "admin/incidents/incident/change_form.html"
 
@@ -614,6 +614,17 @@ class IncidentAdmin(admin.ModelAdmin):
                 incident=incident, role=role, user=request.user, actor=request.user
             ),
             already=already,
+        )
+
+    @admin.action(description="Escalate to the next level now", permissions=["change"])
+    def escalate(self, request, queryset):
+        from escalation.services import incident_escalate
+
+        self._apply(
+            request,
+            queryset,
+            "escalated: the next level is paged at the next engine tick",
+            lambda incident: incident_escalate(incident=incident, actor=request.user),
         )
 
     @admin.action(description="Resolve selected incidents", permissions=["change"])

@@ -316,3 +316,46 @@ def test_contact_methods_are_ordered_primary_first(people):
         "ann@example.com",
         "ann-backup@example.com",
     ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_acknowledge_racing_the_tick_means_nobody_is_paged(people, chain):
+    """The tick runs while an acknowledgement holds the incident's row lock: it skips the
+    locked row instead of waiting, and once the acknowledgement commits the unacknowledged
+    steps no longer page anyone."""
+    from django.db import transaction
+
+    sev1 = SeverityFactory(level=1, escalation_policy=chain)
+    incident = declare(severity=sev1, now=T0)
+    results: list[int] = []
+
+    def tick():
+        try:
+            results.append(engine.escalate_due(now=T0 + 16 * MIN))
+        finally:
+            connection.close()
+
+    with transaction.atomic():
+        Incident.objects.select_for_update().get(pk=incident.pk)
+        services.incident_acknowledge(incident=incident.pk, actor=None, now=T0 + MIN)
+        racer = threading.Thread(target=tick)
+        racer.start()
+        racer.join(timeout=30)
+        assert results == [0]  # skipped the locked row, did not wait for it
+    tick_until(T0 + 16 * MIN)
+    assert paged(incident) == []
+    incident.refresh_from_db()
+    assert incident.escalation_step == 2  # the unacknowledged steps passed without paging
+
+
+def test_admin_escalate_action_pages_the_next_level(admin_client, sev1):
+    incident = declare(severity=sev1, now=T0)
+    tick_until(T0)
+    admin_client.post(
+        reverse("admin:incidents_incident_changelist"),
+        {"action": "escalate", "_selected_action": [incident.pk]},
+    )
+    incident.refresh_from_db()
+    assert incident.next_escalation_at is not None
+    tick_until(incident.next_escalation_at)
+    assert ("Ben", 1, 0) in paged(incident)
