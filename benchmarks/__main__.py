@@ -28,6 +28,16 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=15, help="timed requests per page")
     parser.add_argument("--rounds", type=int, default=15, help="alternating blocks per page")
     parser.add_argument("--calls", type=int, default=500, help="service calls per operation")
+    parser.add_argument(
+        "--lateness-incidents", type=int, default=200, help="incidents, lateness benchmark"
+    )
+    parser.add_argument(
+        "--lateness-timeout", type=float, default=90.0, help="seconds the lateness run may take"
+    )
+    parser.add_argument("--tick-small", type=int, default=1_000, help="open incidents, tick")
+    parser.add_argument("--tick-large", type=int, default=100_000, help="open incidents, tick")
+    parser.add_argument("--tick-due", type=int, default=100, help="due incidents per tick")
+    parser.add_argument("--tick-rounds", type=int, default=6, help="alternating tick blocks")
     parser.add_argument("--output", type=Path, default=OUTPUT, help="the markdown report")
     return parser.parse_args(argv)
 
@@ -74,12 +84,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
-    from . import bench_admin, bench_services, machine
+    from . import bench_admin, bench_escalation, bench_services, machine
 
     started = datetime.now(UTC)
     clock = time.perf_counter()
     # Order matters: the admin benchmark needs the small table first; the services benchmark
-    # then writes to the large one, as production would.
+    # then writes to the large one, as production would; the escalation benchmarks come last
+    # (they add open incidents by the hundred thousand, which the others must not see).
     modules = [
         (
             "admin at scale",
@@ -92,6 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             ),
         ),
         ("services throughput", lambda: bench_services.run(calls=options.calls)),
+        (
+            "escalation engine",
+            lambda: bench_escalation.run(
+                incidents=options.lateness_incidents,
+                timeout=options.lateness_timeout,
+                small=options.tick_small,
+                large=options.tick_large,
+                due=options.tick_due,
+                rounds=options.tick_rounds,
+            ),
+        ),
     ]
     results: dict[str, object] = {}
     with bench_database() as name:
@@ -106,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - clock
     report = render(
         machine=facts,
-        # Numbered as in the issue: services first, then the admin.
-        results=[results["services throughput"], results["admin at scale"]],
+        # Numbered as in the issues: services, the admin, then the escalation engine.
+        results=[
+            results["services throughput"],
+            results["admin at scale"],
+            results["escalation engine"],
+        ],
         started=started,
         seconds=seconds,
         extra_args=_non_defaults(argv),

@@ -370,3 +370,244 @@ def grow_to(total: int, *, now: datetime | None = None, seed: int = 2024) -> Gro
     seconds = time.perf_counter() - started
     analyze_seconds = vacuum_analyze()
     return Growth(before, Incident.objects.count(), seconds, events_written, analyze_seconds)
+
+
+# --- escalation (benchmarks/bench_escalation.py) ---------------------------------------------
+#
+# Two policies that page three people, each with one email contact method:
+# - "short steps", on its own severity: step 1 at 10 s pages one person, step 2 at 20 s
+#   pages two, while the incident is unacknowledged. Its severity's acknowledge target is
+#   15 s, so the ticks also record a breach per incident while the pages go out.
+# - "tick": step 1 at once pages one person (unacknowledged); step 2 after 24 h pages the
+#   lead (unresolved). Open incidents generated for the tick benchmark are between the two
+#   steps, or, `due` of them, declared a moment ago with step 1 due now.
+
+ESCALATION_PEOPLE = (
+    ("Bench Primary", "primary@bench.example.com"),
+    ("Bench Secondary", "secondary@bench.example.com"),
+    ("Bench Lead", "lead@bench.example.com"),
+)
+SHORT_POLICY = "Benchmark: short steps"
+SHORT_STEPS = ((timedelta(seconds=10), (0,)), (timedelta(seconds=20), (1, 2)))
+SHORT_SEVERITY = dict(
+    level=90,
+    name="Bench paging",
+    description="Benchmark severity: escalation steps after 10 s and 20 s.",
+    ack_target=timedelta(seconds=15),
+    resolve_target=timedelta(hours=1),
+    update_interval=timedelta(minutes=15),
+)
+TICK_POLICY = "Benchmark: page at once, the lead after 24 h"
+# A deadline of a generated open incident that would fall due within this long is moved this
+# much later: no new breach and no escalation step falls due while the tick is measured.
+OPEN_HORIZON = timedelta(hours=1)
+
+
+@dataclass
+class EscalationFixtures:
+    people: list  # escalation.models.Person, each with one email contact method
+    severity: Severity  # SHORT_SEVERITY, whose policy is SHORT_POLICY
+    tick_policy: object  # escalation.models.EscalationPolicy
+
+
+@dataclass
+class OpenGrowth:
+    open_before: int
+    open_after: int
+    total_after: int
+    due: int
+    seconds: float
+    analyze_seconds: float
+
+    @property
+    def added(self) -> int:
+        return self.open_after - self.open_before
+
+
+def _policy(name: str, steps, people) -> object:
+    from escalation.models import EscalationPolicy, EscalationStep, StepTarget, TargetKind
+
+    policy, made = EscalationPolicy.objects.get_or_create(name=name, defaults={"repeat": 0})
+    if made:
+        for position, (delay, condition, indexes) in enumerate(steps):
+            step = EscalationStep.objects.create(
+                policy=policy, position=position, delay=delay, condition=condition
+            )
+            StepTarget.objects.bulk_create(
+                StepTarget(step=step, kind=TargetKind.PERSON, person=people[i]) for i in indexes
+            )
+    return policy
+
+
+def ensure_escalation_fixtures() -> EscalationFixtures:
+    """The people, the two benchmark policies and the short-steps severity (idempotent)."""
+    from escalation.models import ContactKind, ContactMethod, Person, StepCondition
+
+    people = []
+    for name, address in ESCALATION_PEOPLE:
+        person, made = Person.objects.get_or_create(name=name, defaults={"time_zone": "UTC"})
+        if made:
+            ContactMethod.objects.create(
+                person=person, kind=ContactKind.EMAIL, address=address, position=0
+            )
+        people.append(person)
+    unack, unresolved = StepCondition.UNACKNOWLEDGED, StepCondition.UNRESOLVED
+    short = _policy(
+        SHORT_POLICY, [(delay, unack, indexes) for delay, indexes in SHORT_STEPS], people
+    )
+    tick = _policy(
+        TICK_POLICY, [(timedelta(0), unack, (0,)), (timedelta(hours=24), unresolved, (2,))], people
+    )
+    severity, _ = Severity.objects.get_or_create(
+        level=SHORT_SEVERITY["level"], defaults={**SHORT_SEVERITY, "escalation_policy": short}
+    )
+    return EscalationFixtures(people=people, severity=severity, tick_policy=tick)
+
+
+def _due_now(incident: Incident, events: list[dict], rng: random.Random, now: datetime, plan):
+    """Make a freshly built open incident one declared a moment ago, its first step due."""
+    from escalation.planning import step_due_at
+
+    created = now - timedelta(seconds=rng.uniform(0.5, 5))
+    for name in STAMP_FIELDS.values():
+        setattr(incident, name, None)
+    incident.status = S.TRIGGERED
+    incident.is_drill = False  # a drill pages only people who opted in: keep the work fixed
+    incident.detected_at = incident.created_at = incident.updated_at = created
+    deadlines = compute_deadlines(incident.severity, created, created, status=S.TRIGGERED)
+    for name, value in deadlines.as_fields().items():
+        setattr(incident, name, value)
+    incident.escalation_plan = plan
+    incident.escalation_started_at = created
+    incident.escalation_step = incident.escalation_round = 0
+    incident.next_escalation_at = step_due_at(plan, created, 0, 0)
+    events[:] = [dict(events[0], at=created)]  # declared, nothing since
+
+
+def _between_steps(incident: Incident, rng: random.Random, now: datetime, plan, person):
+    """Escalation state of an open incident whose first step paged `person` and whose next
+    step is hours away; deadlines already missed are recorded as breached (what the engine
+    does), and those that would fall due within OPEN_HORIZON are moved OPEN_HORIZON later.
+    Returns the step-1 page (unsaved)."""
+    from escalation.models import Page, PageStatus
+    from escalation.planning import step_due_at
+    from escalation.services import BREACHES
+
+    started = incident.created_at
+    incident.escalation_plan = plan
+    incident.escalation_started_at = started
+    incident.escalation_step, incident.escalation_round = 1, 0
+    incident.next_escalation_at = step_due_at(plan, started, 1, 0)
+    assert incident.next_escalation_at > now + OPEN_HORIZON
+    for due_field, stamp, _, _ in BREACHES:
+        due = getattr(incident, due_field)
+        if due is None:
+            continue
+        if due <= now:
+            setattr(incident, stamp, min(due + timedelta(seconds=rng.uniform(0, 5)), now))
+        elif due <= now + OPEN_HORIZON:
+            setattr(incident, due_field, due + OPEN_HORIZON)
+    paged = started + timedelta(seconds=rng.uniform(0, 5))
+    sent = paged + timedelta(seconds=rng.uniform(0.05, 1))
+    return Page(
+        plan_version=plan["version"],
+        step_index=0,
+        round=0,
+        person=person,
+        status=PageStatus.SENT,
+        attempts=1,
+        channel="email",
+        due_at=started,
+        created_at=paged,
+        next_attempt_at=paged,
+        enqueued_at=paged,
+        claimed_at=paged,
+        sent_at=sent,
+    )
+
+
+def grow_open_to(
+    total_open: int, *, policy, due: int = 0, now: datetime | None = None, seed: int = 2025
+) -> OpenGrowth:
+    """Add open incidents (as `grow_to` builds them: status mix, services, timeline) until
+    `total_open` are open, each escalating under `policy` (ensure_escalation_fixtures'
+    tick policy). The first `due` of them (added even if enough are open already) were
+    declared a moment ago and have step 1 due; the others are between step 1 (paged, one
+    sent page each) and step 2. Ends with VACUUM ANALYZE, like `grow_to`."""
+    from escalation.models import Page
+    from escalation.planning import policy_snapshot
+
+    now = now or timezone.now()
+    fixtures = ensure_fixtures()
+    # Only the demo severities: the benchmark's own (SHORT_SEVERITY) has no weight here.
+    fixtures.severities = [s for s in fixtures.severities if s.level in SEVERITY_WEIGHTS]
+    plan = policy_snapshot(policy)
+    person = policy.steps.order_by("position").first().targets.get().person
+    open_before = Incident.objects.filter(status__in=OPEN_STATUSES).count()
+    count = max(total_open - open_before, due)
+    started = time.perf_counter()
+    first = _highest_number() + 1
+    rng = random.Random(seed * 1_000_003 + first)
+    through = Incident.services.through
+    for batch_start in range(first, first + count, BATCH):
+        numbers = range(batch_start, min(batch_start + BATCH, first + count))
+        built, pages = [], []
+        for number in numbers:
+            incident, service_ids, events, commander = _build(
+                rng, fixtures, number, HISTORY_SIZE, now, open_=True
+            )
+            if number - first < due:
+                _due_now(incident, events, rng, now, plan)
+                commander = None
+                pages.append(None)
+            else:
+                pages.append(_between_steps(incident, rng, now, plan, person))
+            built.append((incident, service_ids, events, commander))
+        with transaction.atomic():
+            incidents = Incident.objects.bulk_create([b[0] for b in built], batch_size=1_000)
+            links, events, assignments = [], [], []
+            for incident, (_, service_ids, event_fields, commander), page in zip(
+                incidents, built, pages, strict=True
+            ):
+                links += [through(incident_id=incident.pk, service_id=s) for s in service_ids]
+                events += [TimelineEvent(incident_id=incident.pk, **f) for f in event_fields]
+                if commander:
+                    assignments.append(
+                        RoleAssignment(
+                            incident_id=incident.pk,
+                            role=fixtures.commander,
+                            assigned_by=commander["user"],
+                            **commander,
+                        )
+                    )
+                if page is not None:
+                    page.incident_id = incident.pk
+            through.objects.bulk_create(links, batch_size=5_000)
+            TimelineEvent.objects.bulk_create(events, batch_size=5_000)
+            RoleAssignment.objects.bulk_create(assignments, batch_size=5_000)
+            Page.objects.bulk_create([p for p in pages if p is not None], batch_size=5_000)
+            _set_counter(numbers[-1])
+    seconds = time.perf_counter() - started
+    analyze_seconds = vacuum_analyze_escalation()
+    return OpenGrowth(
+        open_before=open_before,
+        open_after=Incident.objects.filter(status__in=OPEN_STATUSES).count(),
+        total_after=Incident.objects.count(),
+        due=due,
+        seconds=seconds,
+        analyze_seconds=analyze_seconds,
+    )
+
+
+def vacuum_analyze_escalation() -> float:
+    """`vacuum_analyze` plus the page tables; returns the seconds it took."""
+    if connection.vendor != "postgresql":
+        return 0.0
+    from escalation.models import Page, PageAttempt
+
+    started = time.perf_counter()
+    vacuum_analyze()
+    with connection.cursor() as cursor:
+        for model in (Page, PageAttempt):
+            cursor.execute(f"VACUUM (ANALYZE) {connection.ops.quote_name(model._meta.db_table)}")
+    return time.perf_counter() - started
