@@ -162,7 +162,7 @@ def ensure_fixtures() -> Fixtures:
             user.save(update_fields=["password"])
         responders.append(user)
     return Fixtures(
-        severities=list(Severity.objects.order_by("level")),
+        severities=list(Severity.objects.filter(level__in=SEVERITY_WEIGHTS).order_by("level")),
         services=list(Service.objects.order_by("pk")),
         teams=teams,
         responders=responders,

@@ -239,6 +239,23 @@ class Incident(models.Model):
                 name="incident_open_by_severity",
                 condition=Q(status__in=sorted(OPEN_STATUSES)),
             ),
+            # The engine's breach sweep: only deadlines whose breach is not yet recorded, so
+            # incidents long past their deadline are not read again on every tick.
+            models.Index(
+                fields=["ack_due_at"],
+                name="incident_ack_breach_due",
+                condition=Q(ack_breached_at__isnull=True),
+            ),
+            models.Index(
+                fields=["resolve_due_at"],
+                name="incident_resolve_breach_due",
+                condition=Q(resolve_breached_at__isnull=True),
+            ),
+            models.Index(
+                fields=["next_update_due_at"],
+                name="incident_update_breach_due",
+                condition=Q(update_breached_at__isnull=True),
+            ),
         ]
         constraints = [
             models.CheckConstraint(
