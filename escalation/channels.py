@@ -65,10 +65,13 @@ class DeliveryError(Exception):
     `permanent`: retrying the same method will not help (a refused address, a 4xx, a
     redirect); the engine moves to the backup method. Otherwise it retries with backoff."""
 
-    def __init__(self, reason: str, permanent: bool) -> None:
+    def __init__(self, reason: str, permanent: bool, unknown: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.permanent = permanent
+        # The message may have been delivered (the receiver stopped answering after it was
+        # sent): the engine never retries the same method, it moves to the backup.
+        self.unknown = unknown
 
     def __repr__(self) -> str:
         return f"DeliveryError({self.reason!r}, permanent={self.permanent})"
@@ -416,6 +419,11 @@ def _send_email(address: str, message: PageMessage) -> None:
             f"the mail server answered {error.smtp_code} {_decode(error.smtp_error)}",
             permanent=_smtp_permanent(error.smtp_code),
         ) from error
+    except (smtplib.SMTPServerDisconnected, TimeoutError) as error:
+        # The connection dropped or stalled mid-conversation: the message may have gone.
+        raise DeliveryError(
+            f"the mail server stopped answering: {error}", permanent=False, unknown=True
+        ) from error
     except (smtplib.SMTPException, OSError) as error:
         raise DeliveryError(f"could not reach the mail server: {error}", permanent=False) from error
     if not sent:
@@ -513,9 +521,14 @@ def _post(url: str, payload: dict[str, Any], message: PageMessage) -> None:
                 response.close()
     except _DisallowedPeer as error:
         raise DeliveryError(str(error), permanent=True) from error
-    except requests.Timeout as error:
+    except requests.ConnectTimeout as error:
         raise DeliveryError(
-            f"the webhook did not answer within {timeout:g} s", permanent=False
+            f"could not connect to the webhook within {timeout:g} s", permanent=False
+        ) from error
+    except requests.Timeout as error:
+        # The request went out; whether it was acted on is unknown.
+        raise DeliveryError(
+            f"the webhook did not answer within {timeout:g} s", permanent=False, unknown=True
         ) from error
     except requests.ConnectionError as error:
         raise DeliveryError(

@@ -36,7 +36,7 @@ from .models import (
     StepCondition,
     TargetKind,
 )
-from .planning import Plan, next_position, policy_snapshot, step_due_at
+from .planning import Plan, next_position, policy_snapshot, round_length, step_due_at
 
 logger = logging.getLogger(__name__)
 ENGINE = "escalation engine"
@@ -154,16 +154,29 @@ def resolve_targets(step: dict, *, at: datetime, is_drill: bool = False) -> list
 # --- escalation ------------------------------------------------------------------------------
 
 
+def _current_round(plan: Plan, started_at: datetime, now: datetime) -> int:
+    """The round `now` falls in (0 while the first round runs)."""
+    length = round_length(plan)
+    if not length or now <= started_at:
+        return 0
+    return min(int((now - started_at) / length), plan.get("repeat", 0))
+
+
 def _advance_fields(incident: Incident, now: datetime) -> dict[str, Any]:
     plan = incident.escalation_plan or {}
     position = next_position(plan, incident.escalation_step, incident.escalation_round)
     if position is None or incident.escalation_started_at is None:
         return {"next_escalation_at": None, "escalation_step": incident.escalation_step + 1}
     step_index, round_ = position
+    # After an outage or a re-plan, rounds that are entirely over are not replayed: the
+    # chain goes on from the start of the round running now (no burst of repeats).
+    current = _current_round(plan, incident.escalation_started_at, now)
+    if round_ < current:
+        step_index, round_ = 0, current
     return {
         "escalation_step": step_index,
         "escalation_round": round_,
-        "next_escalation_at": step_due_at(plan, incident.escalation_started_at, *position),
+        "next_escalation_at": step_due_at(plan, incident.escalation_started_at, step_index, round_),
     }
 
 
@@ -176,9 +189,12 @@ def _escalate_one(incident: Incident, now: datetime) -> int:
     due = incident.next_escalation_at
     steps = plan.get("steps") or []
     live = incident.status in OPEN_STATUSES and step_index < len(steps)
+    forced = plan.get("forced") == [step_index, round_]
     fields: dict[str, Any] = (
         _advance_fields(incident, now) if live else {"next_escalation_at": None}
     )
+    if forced:
+        fields["escalation_plan"] = {**plan, "forced": None}
     changed = Incident.objects.filter(
         pk=incident.pk,
         next_escalation_at=due,
@@ -189,7 +205,14 @@ def _escalate_one(incident: Incident, now: datetime) -> int:
         return 0
     step = steps[step_index]
     label = f"step {step_index + 1}" + (f", round {round_ + 1}" if round_ else "")
-    if not _condition_holds(step["condition"], incident.status):
+    if not forced and not _condition_holds(step["condition"], incident.status):
+        _engine_event(
+            incident,
+            EventKind.ESCALATED,
+            now,
+            value=label,
+            message=f"Escalation {label} skipped: the incident is no longer {step['condition']}.",
+        )
         return 0
     people = resolve_targets(step, at=now, is_drill=incident.is_drill)
     if not people:
@@ -248,6 +271,11 @@ def escalate_due(*, now: datetime | None = None, batch: int = BATCH) -> int:
                 # The unique page key refused a second page for the same step: another
                 # process already paged it. Nothing to do.
                 logger.warning("duplicate page refused for %s", incident.reference)
+            except Exception:
+                # One broken configuration (a calendar without working days, a rotation
+                # that cannot be computed) must not stop paging for every other incident.
+                # This one stays due; the auditor reports it as overdue.
+                logger.exception("escalation of %s failed", incident.reference)
     if created:
         schedule_deliveries(now=now)
     return created
@@ -303,6 +331,15 @@ def _escalate_now(incident: Incident, now: datetime, *, why: str) -> None:
         fields.update(
             escalation_step=len(steps) - 1, escalation_round=incident.escalation_round + 1
         )
+    # Asked for explicitly: that level is paged whatever its condition (an acknowledged or
+    # re-opened incident would otherwise skip an "unacknowledged" step).
+    fields["escalation_plan"] = {
+        **plan,
+        "forced": [
+            fields.get("escalation_step", incident.escalation_step),
+            fields.get("escalation_round", incident.escalation_round),
+        ],
+    }
     if incident.escalation_started_at is None:
         fields["escalation_started_at"] = now
     Incident.objects.filter(pk=incident.pk).update(**fields)
@@ -359,6 +396,14 @@ def replan(incident: Incident, severity, now: datetime) -> None:
     fields = plan_fields(
         severity=severity, started_at=incident.escalation_started_at or now, version=version
     )
+    current = _current_round(fields["escalation_plan"], fields["escalation_started_at"], now)
+    if current:  # start in the round running now, not with rounds long over
+        fields.update(
+            escalation_round=current,
+            next_escalation_at=step_due_at(
+                fields["escalation_plan"], fields["escalation_started_at"], 0, current
+            ),
+        )
     Incident.objects.filter(pk=incident.pk).update(**fields)
     for name, value in fields.items():
         setattr(incident, name, value)
@@ -422,6 +467,8 @@ def _obsolete(page: Page) -> str:
     """Why a page should no longer go out, or ''."""
     incident = page.incident
     step = _step(incident, page.plan_version, page.step_index)
+    if page.acked_at is not None:
+        return "acknowledged by its recipient"
     if incident.status not in OPEN_STATUSES:
         return f"incident {incident.status}"
     if step is None:
@@ -447,6 +494,11 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
     clock_injected = now is not None
     now = now or timezone.now()
     with transaction.atomic():
+        # Lock order everywhere: the incident, then its pages. Holding the incident's lock
+        # while claiming means an acknowledgement either committed before (the page is
+        # cancelled here) or waits until the claim is done.
+        incident_id = Page.objects.filter(pk=page_id).values_list("incident_id", flat=True)
+        list(Incident.objects.select_for_update().filter(pk__in=incident_id).values_list("pk"))
         page = (
             Page.objects.select_for_update(skip_locked=True, of=("self",))
             .select_related("incident__severity", "person")
@@ -495,13 +547,14 @@ def _finish(page_id: int, method: ContactMethod, method_count: int, error, now: 
             .select_related("incident", "person")
             .get(pk=page_id)
         )
+        unknown = error is not None and getattr(error, "unknown", False)
         PageAttempt.objects.create(
             page=page,
             at=now,
             contact_method=method,
             channel=method.kind,
             address=method.address,
-            outcome="sent" if error is None else "failed",
+            outcome="sent" if error is None else ("unknown" if unknown else "failed"),
             error="" if error is None else str(error.reason),
         )
         if page.status != PageStatus.SENDING:
@@ -525,6 +578,27 @@ def _finish(page_id: int, method: ContactMethod, method_count: int, error, now: 
                 f"(step {page.step_index + 1}, round {page.round + 1}).",
             )
             return "sent"
+        if unknown:
+            more = page.method_index + 1 < method_count
+            Page.objects.filter(pk=page.pk).update(
+                status=PageStatus.PENDING if more else PageStatus.UNKNOWN,
+                method_index=page.method_index + (1 if more else 0),
+                next_attempt_at=now if more else None,
+                enqueued_at=None,
+                last_error=f"outcome unknown: {error.reason}",
+            )
+            _engine_event(
+                incident,
+                EventKind.PAGE_UNKNOWN,
+                now,
+                value=person.name,
+                message=f"The page to {person.name} by {method.get_kind_display()} may or may "
+                f"not have gone out ({error.reason}); it is not re-sent that way."
+                + (" Trying the backup contact method." if more else ""),
+            )
+            if more:
+                transaction.on_commit(partial(_enqueue, page.pk))
+            return "backup" if more else "unknown"
         tries = PageAttempt.objects.filter(page=page, contact_method=method).count()
         if not error.permanent and tries <= len(RETRY_BACKOFF):
             Page.objects.filter(pk=page.pk).update(
@@ -664,6 +738,8 @@ def page_acknowledge(*, page: Page, now: datetime | None = None) -> Incident:
 
     now = now or timezone.now()
     with transaction.atomic():
+        # The incident first, then the page: the same lock order as every other path.
+        list(Incident.objects.select_for_update().filter(pk=page.incident_id).values_list("pk"))
         locked = (
             Page.objects.select_for_update(of=("self",))
             .select_related("person", "person__user", "incident")
@@ -672,6 +748,12 @@ def page_acknowledge(*, page: Page, now: datetime | None = None) -> Incident:
         if locked.acked_at is not None:
             raise DomainError("This acknowledgement link was already used.")
         Page.objects.filter(pk=locked.pk).update(acked_at=now, backup_at=None)
+        if locked.status == PageStatus.PENDING:  # a retry or backup still waiting: not needed
+            Page.objects.filter(pk=locked.pk, status=PageStatus.PENDING).update(
+                status=PageStatus.CANCELLED,
+                next_attempt_at=None,
+                last_error="acknowledged by its recipient",
+            )
         person = locked.person
         return incident_acknowledge(
             incident=locked.incident,
@@ -777,11 +859,19 @@ def engine_tick(*, now: datetime | None = None, batch: int = BATCH) -> TickRepor
     concurrently. Reads the clock once."""
     now = now or timezone.now()
     report = TickReport()
-    report.breaches = record_breaches(now=now, batch=batch)
-    report.pages_created = escalate_due(now=now, batch=batch)
-    report.backups = pages_try_backup(now=now, batch=batch)
-    report.recovered = pages_recover_stuck(now=now, batch=batch)
-    report.queued = schedule_deliveries(now=now, batch=batch)
+    stages = [
+        ("breaches", record_breaches),
+        ("pages_created", escalate_due),
+        ("backups", pages_try_backup),
+        ("recovered", pages_recover_stuck),
+        ("queued", schedule_deliveries),
+    ]
+    for name, stage in stages:
+        try:
+            setattr(report, name, stage(now=now, batch=batch))
+        except Exception:
+            # A failing stage must not keep the others (above all, delivery) from running.
+            logger.exception("engine tick stage %s failed", name)
     return report
 
 
