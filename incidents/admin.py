@@ -37,7 +37,13 @@ from .models import (
     TimelineEvent,
 )
 from .pagination import EstimatedCountPaginator
-from .selectors import COMMANDER_SLUG, incidents_breached, incidents_with_commander
+from .selectors import (
+    COMMANDER_SLUG,
+    breached_q,
+    incidents_breached,
+    incidents_open,
+    incidents_with_commander,
+)
 
 ADMIN_CSS = {"all": ["incidents/admin.css"]}
 # Stamped by the services, shown read-only.
@@ -121,9 +127,7 @@ class BreachedFilter(admin.SimpleListFilter):
         if self.value() == "yes":
             return incidents_breached(queryset, now=now)
         if self.value() == "no":
-            return queryset.exclude(
-                pk__in=incidents_breached(Incident.objects.all(), now=now).values("pk")
-            )
+            return queryset.exclude(breached_q(now))
         return queryset
 
 
@@ -136,7 +140,7 @@ class OpenFilter(admin.SimpleListFilter):
 
     def queryset(self, request, queryset):
         if self.value() == "yes":
-            return queryset.filter(status__in=OPEN_STATUSES)
+            return incidents_open(queryset)
         if self.value() == "no":
             return queryset.exclude(status__in=OPEN_STATUSES)
         return queryset
@@ -152,9 +156,6 @@ class TimelineInline(admin.TabularInline):
     can_delete = False
     show_change_link = False
     verbose_name_plural = "Timeline"
-
-    def get_queryset(self, request):
-        return super().get_queryset(request).select_related("actor")
 
     @admin.display(description="Actor")
     def actor_name(self, obj: TimelineEvent) -> str:

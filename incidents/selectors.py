@@ -22,9 +22,15 @@ def incidents_with_commander(queryset: QuerySet[Incident]) -> QuerySet[Incident]
     return queryset.annotate(commander_name=Subquery(commander))
 
 
+def breached_q(now: datetime) -> Q:
+    """Past the acknowledge or resolve deadline. Only pending deadlines are stored, so this
+    holds for open incidents only; both columns are indexed."""
+    return Q(ack_due_at__lte=now) | Q(resolve_due_at__lte=now)
+
+
 def incidents_breached(queryset: QuerySet[Incident], *, now: datetime) -> QuerySet[Incident]:
-    """Open incidents past their acknowledge or resolve deadline (both indexed)."""
-    return queryset.filter(Q(ack_due_at__lte=now) | Q(resolve_due_at__lte=now))
+    """Open incidents past their acknowledge or resolve deadline."""
+    return queryset.filter(breached_q(now))
 
 
 def incidents_open(queryset: QuerySet[Incident] | None = None) -> QuerySet[Incident]:
@@ -54,7 +60,7 @@ def dashboard(*, now: datetime, limit: int = DASHBOARD_LIMIT) -> list[SeverityGr
         .values("severity")
         .annotate(
             total=Count("pk"),
-            breached=Count("pk", filter=Q(ack_due_at__lte=now) | Q(resolve_due_at__lte=now)),
+            breached=Count("pk", filter=breached_q(now)),
         )
         .order_by()
     )

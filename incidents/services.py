@@ -70,6 +70,11 @@ def next_number(name: str) -> int:
     return row[0]
 
 
+def _user(actor: Actor):
+    """The user behind `actor`, or None for the system and anonymous callers."""
+    return actor if actor is not None and actor.is_authenticated else None
+
+
 def timeline_record(
     *,
     incident: Incident,
@@ -82,7 +87,7 @@ def timeline_record(
     actor_label: str = "",
 ) -> TimelineEvent:
     """Append one event to an incident's timeline. Call inside the writing transaction."""
-    user = actor if actor is not None and actor.is_authenticated else None
+    user = _user(actor)
     if not actor_label:
         actor_label = user.get_username() if user is not None else "system"
     return TimelineEvent.objects.create(
@@ -161,7 +166,7 @@ def incident_declare(
             impact=impact,
             customer_impact=customer_impact or "",
             is_drill=is_drill,
-            declared_by=actor if actor is not None and actor.is_authenticated else None,
+            declared_by=_user(actor),
             created_at=now,
             updated_at=now,
             detected_at=detected_at,
@@ -435,7 +440,7 @@ def incident_assign_role(
             role=role,
             user=user,
             since=now,
-            assigned_by=actor if actor is not None and actor.is_authenticated else None,
+            assigned_by=_user(actor),
         )
         Incident.objects.filter(pk=locked.pk).update(updated_at=now)
         timeline_record(
