@@ -3,5 +3,6 @@
 from django.urls import include, path
 
 urlpatterns = [
+    path("", include("incidents.api.urls")),
     path("", include("escalation.api.urls")),
 ]

@@ -56,6 +56,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "django_filters",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "escalation",
     "incidents",
     "postmortems",
@@ -136,6 +138,9 @@ EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
 EMAIL_TIMEOUT = 10
 DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "incidents@localhost")
 
+# How often the heartbeat sweep runs; a missed heartbeat is noticed within this.
+HEARTBEAT_CHECK_SECONDS = float(os.environ.get("HEARTBEAT_CHECK_SECONDS", "30"))
+
 # --- Escalation engine ---------------------------------------------------------------------
 # The engine tick: how often beat asks the database what is due. Short, because lateness of a
 # page is bounded by it; cheap, because each tick reads indexes of what is due only.
@@ -203,6 +208,13 @@ CELERY_BEAT_SCHEDULE: dict = {
         "task": "escalation.weekly_summaries",
         "schedule": crontab(minute=0, hour=8, day_of_week=1),
     },
+    # Integrations that expect a heartbeat: a missed one opens an incident. Cheap (an indexed
+    # read of integrations whose heartbeat is due), so twice a minute.
+    "incidents-heartbeats": {
+        "task": "incidents.check_heartbeats",
+        "schedule": HEARTBEAT_CHECK_SECONDS,
+        "options": {"expires": HEARTBEAT_CHECK_SECONDS},
+    },
     "escalation-auditor": {
         "task": "escalation.audit_escalations",
         "schedule": ESCALATION_OVERDUE_AFTER / 2,
@@ -220,6 +232,42 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # Domain errors, Django validation errors and an unreachable database become JSON 4xx/503.
+    "EXCEPTION_HANDLER": "config.api.exception_handler",
+    "DEFAULT_PAGINATION_CLASS": "config.api.PageNumberPagination",
+    "PAGE_SIZE": 50,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Incident tracker API",
+    "DESCRIPTION": "Incidents, alerts, on-call and escalation. See docs/api.md.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # The docs page's JavaScript and CSS come from this server, not a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+}
+
+# Alert ingestion. Bodies larger than this are refused with 413 before they are parsed.
+ALERT_MAX_BODY_BYTES = int(os.environ.get("ALERT_MAX_BODY_BYTES", str(1024 * 1024)))
+
+# The webhook throttle counts requests per integration in the cache: Redis when configured
+# (shared by every web process), else per process. A cache that cannot be reached lets
+# requests through rather than refusing alerts.
+CACHES = {
+    "default": (
+        {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": REDIS_URL,
+            "KEY_PREFIX": "tracker",
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        }
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
 }
 
 LOGGING = {

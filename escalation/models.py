@@ -422,3 +422,18 @@ class OncallNotice(models.Model):
 
     def __str__(self) -> str:
         return f"{self.kind} {self.key} to {self.recipient}"
+
+
+class EngineState(models.Model):
+    """What the last engine tick did, for /metrics: one row per tick kind ("engine"),
+    overwritten by each tick."""
+
+    name = models.CharField(max_length=50, primary_key=True)
+    ticks = models.PositiveBigIntegerField(default=0)
+    last_tick_at = models.DateTimeField(null=True, blank=True)
+    last_duration_seconds = models.FloatField(default=0.0)
+    # How late the most overdue escalation was when the tick started (0: nothing was late).
+    last_lag_seconds = models.FloatField(default=0.0)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.ticks} ticks"

@@ -150,6 +150,7 @@ class TimelineInline(admin.TabularInline):
     """The timeline, read-only: append-only means nobody edits or deletes it here."""
 
     model = TimelineEvent
+    fk_name = "incident"
     fields = ["at", "kind", "actor_name", "previous", "value", "message"]
     readonly_fields = fields
     extra = 0

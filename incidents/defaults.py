@@ -73,6 +73,18 @@ ESCALATION_MANAGE = [
     )
 ]
 
+ALERTS_VIEW = ["view_alert", "view_runbook", "view_alertroute"]
+ALERTS_MANAGE = [
+    "view_integration",
+    "add_integration",
+    "change_integration",
+    "add_runbook",
+    "change_runbook",
+    "add_alertroute",
+    "change_alertroute",
+    "delete_alertroute",
+]
+
 GROUPS: dict[str, dict[str, list[str]]] = {
     "Viewers": {
         "incidents": [
@@ -82,6 +94,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_severity",
             "view_role",
             "view_roleassignment",
+            *ALERTS_VIEW,
         ],
         "escalation": ESCALATION_VIEW,
     },
@@ -95,6 +108,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_severity",
             "view_role",
             "view_roleassignment",
+            *ALERTS_VIEW,
         ],
         "escalation": [*ESCALATION_VIEW, "add_override", "change_override", "delete_override"],
     },
@@ -113,6 +127,8 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "add_role",
             "change_role",
             "view_roleassignment",
+            *ALERTS_VIEW,
+            *ALERTS_MANAGE,
         ],
         "escalation": [*ESCALATION_VIEW, *ESCALATION_MANAGE, "add_team", "change_team"],
     },

@@ -29,6 +29,7 @@ from .models import (
     IncidentStatus,
     Role,
     RoleAssignment,
+    Runbook,
     Service,
     Severity,
     TimelineEvent,
@@ -137,6 +138,7 @@ def incident_declare(
     is_drill: bool = False,
     detected_at: datetime | None = None,
     actor_label: str = "",
+    runbook: Runbook | None = None,
     now: datetime | None = None,
 ) -> Incident:
     """Open a new incident in `triggered`, with the next INC-n reference and its deadlines.
@@ -167,6 +169,7 @@ def incident_declare(
             customer_impact=customer_impact or "",
             is_drill=is_drill,
             declared_by=_user(actor),
+            runbook=runbook,
             created_at=now,
             updated_at=now,
             detected_at=detected_at,
@@ -541,3 +544,96 @@ def incident_update(
                 message=name.replace("_", " "),
             )
     return locked
+
+
+def incident_merge(
+    *,
+    source: Incident | int,
+    target: Incident | int,
+    actor: Actor,
+    reason: str = "",
+    now: datetime | None = None,
+) -> Incident:
+    """Merge `source` into `target`, two incidents opened for one cause. The source's alerts
+    and alert groups move to the target (so its later alerts join the target), copies of its
+    timeline events are appended to the target's (marked with their origin; the source's own
+    timeline stays as it was), both timelines record the merge, and the source is resolved
+    and closed with `merged_into` pointing at the target. Returns the target.
+
+    Refused (InvalidInput / InvalidTransition) when they are the same incident, either is
+    closed, or the source was merged already.
+    """
+    from .models import Alert, AlertGroup
+
+    now = now or timezone.now()
+    reason = _clean_text("reason", reason, required=False, max_length=MAX_NOTE_LENGTH)
+    source_pk = source.pk if isinstance(source, Incident) else source
+    target_pk = target.pk if isinstance(target, Incident) else target
+    if source_pk == target_pk:
+        raise InvalidInput("target", "an incident cannot be merged into itself.")
+    with transaction.atomic():
+        # Lock both in primary-key order, whichever way round the merge goes.
+        locked = {
+            i.pk: i
+            for i in Incident.objects.select_for_update()
+            .select_related("severity")
+            .filter(pk__in=[source_pk, target_pk])
+            .order_by("pk")
+        }
+        if len(locked) != 2:
+            raise InvalidInput("target", "no such incident.")
+        src, dst = locked[source_pk], locked[target_pk]
+        for incident in (src, dst):
+            if incident.status == S.CLOSED:
+                raise InvalidTransition(
+                    incident.reference,
+                    incident.status,
+                    "a merge",
+                    "a closed incident cannot merge.",
+                )
+        Alert.objects.filter(incident=src).update(incident=dst)
+        AlertGroup.objects.filter(incident=src).update(incident=dst)
+        copies = [
+            TimelineEvent(
+                incident=dst,
+                at=event.at,
+                kind=event.kind,
+                actor_id=event.actor_id,
+                actor_label=event.actor_label,
+                previous=event.previous,
+                value=event.value,
+                message=event.message,
+                origin_id=event.origin_id or src.pk,
+            )
+            for event in TimelineEvent.objects.filter(incident=src).order_by("at", "pk")
+        ]
+        TimelineEvent.objects.bulk_create(copies, batch_size=500)
+        if dst.services.exists() or src.services.exists():
+            dst.services.add(*src.services.all())
+        message = f"{src.reference} merged into {dst.reference}" + (f": {reason}" if reason else "")
+        timeline_record(
+            incident=dst,
+            kind=EventKind.MERGED,
+            actor=actor,
+            now=now,
+            previous=src.reference,
+            value=dst.reference,
+            message=message,
+        )
+        timeline_record(
+            incident=src,
+            kind=EventKind.MERGED,
+            actor=actor,
+            now=now,
+            previous=src.reference,
+            value=dst.reference,
+            message=message,
+        )
+        if src.status != S.RESOLVED:
+            _transition_locked(
+                src, to=S.RESOLVED, actor=actor, message=message, actor_label="", now=now
+            )
+        _compare_and_set(src, src.status, {"merged_into": dst})
+        _transition_locked(src, to=S.CLOSED, actor=actor, message=message, actor_label="", now=now)
+        Incident.objects.filter(pk=dst.pk).update(updated_at=now)
+    return dst

@@ -104,3 +104,62 @@ def declare(*, severity: Severity | None = None, actor=None, now=None, **kwargs)
         now=now or timezone.now(),
         **kwargs,
     )
+
+
+def integration(*, name: str | None = None, kind: str = "alertmanager", **fields):
+    """An integration made through the service; returns (integration, token)."""
+    from incidents.ingestion.services import integration_create
+
+    integration.counter += 1
+    return integration_create(name=name or f"source-{integration.counter}", kind=kind, **fields)
+
+
+integration.counter = 0
+
+
+class RunbookFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = "incidents.Runbook"
+        django_get_or_create = ["code"]
+
+    code = factory.Sequence(lambda n: f"RB-{n:02d}")
+    title = factory.Sequence(lambda n: f"Runbook {n}")
+    steps = "1. Check the service.\n2. Restart it."
+
+
+class AlertRouteFactory(factory.django.DjangoModelFactory):
+    class Meta:
+        model = "incidents.AlertRoute"
+
+    alert_name = "BackendServiceDown"
+    runbook = factory.SubFactory(RunbookFactory)
+
+
+def alertmanager_body(*alerts: dict, group_key: str = '{}:{alertname="X"}', status="firing"):
+    """An Alertmanager v4 webhook body; each alert dict may give labels, status, fingerprint."""
+    items = []
+    for n, alert in enumerate(alerts):
+        labels = {"alertname": "X", **alert.get("labels", {})}
+        items.append(
+            {
+                "status": alert.get("status", status),
+                "labels": labels,
+                "annotations": alert.get("annotations", {"summary": f"{labels['alertname']}"}),
+                "startsAt": alert.get("startsAt", "2026-01-01T00:00:00Z"),
+                "endsAt": alert.get("endsAt", "0001-01-01T00:00:00Z"),
+                "generatorURL": "http://prometheus.example/graph",
+                "fingerprint": alert.get("fingerprint", f"fp{n}"),
+            }
+        )
+    return {
+        "version": "4",
+        "groupKey": group_key,
+        "truncatedAlerts": 0,
+        "status": status,
+        "receiver": "tracker",
+        "groupLabels": {},
+        "commonLabels": {},
+        "commonAnnotations": {},
+        "externalURL": "http://alertmanager.example",
+        "alerts": items,
+    }

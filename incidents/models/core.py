@@ -190,6 +190,23 @@ class Incident(models.Model):
         on_delete=models.SET_NULL,
         related_name="declared_incidents",
     )
+    runbook = models.ForeignKey(
+        "incidents.Runbook",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="incidents",
+        help_text="Set from the alert route that opened the incident; can be changed.",
+    )
+    # A merged incident is closed and points at the one that carries on.
+    merged_into = models.ForeignKey(
+        "self",
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="merged_incidents",
+        editable=False,
+    )
 
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(default=timezone.now, editable=False)
@@ -345,6 +362,9 @@ class EventKind(models.TextChoices):
     PAGE_UNKNOWN = "page_unknown", "Page outcome unknown"
     PAGE_BACKUP = "page_backup", "Backup contact tried"
     ESCALATION_OVERDUE = "escalation_overdue", "Escalation overdue"
+    ALERT_FIRED = "alert_fired", "Alert fired"
+    ALERT_RESOLVED = "alert_resolved", "Alert resolved"
+    MERGED = "merged", "Merged"
 
 
 class TimelineEventQuerySet(models.QuerySet):
@@ -380,6 +400,14 @@ class TimelineEvent(models.Model):
     previous = models.TextField(blank=True)
     value = models.TextField(blank=True)
     message = models.TextField(blank=True)
+    # Set on the copies a merge brings over from the merged incident: where it happened.
+    origin = models.ForeignKey(
+        Incident,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+    )
 
     objects = TimelineEventQuerySet.as_manager()
 

@@ -1,0 +1,265 @@
+"""The alert webhooks: Alertmanager, Events v2, generic JSON, heartbeats.
+
+Each view authenticates the integration by its token (in the path, or `Authorization:
+Bearer`), throttles, bounds and parses the body, and calls one ingestion service, which
+commits before the answer. Answers: 2xx only for what was stored; 400 (naming the field)
+for input that will never be valid; 404 for an unknown token; 413 for a body over the
+limit; 429 past the integration's rate limit; 503 when the database cannot be reached, so
+the sender retries.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.db import InterfaceError, OperationalError
+from django.http import JsonResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.permissions import AllowAny
+from rest_framework.views import APIView
+
+from incidents.exceptions import InvalidInput
+from incidents.ingestion import payloads, services
+from incidents.models import Integration, IntegrationKind
+
+logger = logging.getLogger(__name__)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, detail: str, code: str, field: str = "") -> None:
+        self.status, self.detail, self.code, self.field = status, detail, code, field
+        super().__init__(detail)
+
+
+def _bearer(request) -> str:
+    header = request.META.get("HTTP_AUTHORIZATION", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _read_body(request) -> bytes:
+    limit = settings.ALERT_MAX_BODY_BYTES
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit:
+        raise Refused(413, f"The body is {declared} bytes; at most {limit}.", "too_large")
+    body = request._request.read(limit + 1)
+    if len(body) > limit:
+        raise Refused(413, f"The body is over {limit} bytes.", "too_large")
+    return body
+
+
+def _error_body(error: Refused) -> dict:
+    body = {"detail": error.detail, "code": error.code}
+    if error.field:
+        body["field"] = error.field
+    return body
+
+
+RESPONSES = {
+    400: OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid; names the field."),
+    404: OpenApiResponse(OpenApiTypes.OBJECT, description="Unknown or inactive token."),
+    413: OpenApiResponse(OpenApiTypes.OBJECT, description="Body too large."),
+    429: OpenApiResponse(OpenApiTypes.OBJECT, description="Rate limit passed."),
+    503: OpenApiResponse(OpenApiTypes.OBJECT, description="Not stored; retry."),
+}
+
+
+class WebhookView(APIView):
+    """Shared flow; subclasses say which kind they accept and how to parse."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+    kind: str = ""
+    success_status = 200
+
+    def parse(self, data) -> payloads.Delivery:
+        raise NotImplementedError
+
+    def error_response(self, error: Refused) -> JsonResponse:
+        response = JsonResponse(_error_body(error), status=error.status)
+        if error.status in (429, 503):
+            response["Retry-After"] = "60" if error.status == 429 else "30"
+        return response
+
+    def success_response(self, result: services.IngestResult, token_key: str) -> JsonResponse:
+        return JsonResponse(result.as_dict(), status=self.success_status)
+
+    token_in_body = False
+
+    def authenticate(self, token: str) -> Integration:
+        if not token:
+            raise Refused(403, "No token: put it in the URL or Authorization: Bearer.", "auth")
+        integration = services.integration_by_token(token, kind=self.kind)
+        if integration is None:
+            raise Refused(404, "Unknown integration key.", "unknown_key")
+        if not services.throttle_allows(integration):
+            services.count_rejected(integration)
+            raise Refused(
+                429, f"More than {integration.rate_limit} requests this minute.", "throttled"
+            )
+        return integration
+
+    def handle(self, request, token: str) -> services.IngestResult:
+        integration: Integration | None = None
+        if not self.token_in_body:
+            # Unknown tokens are refused before the body is even read.
+            integration = self.authenticate(token or _bearer(request))
+        try:
+            data = payloads.parse_json(_read_body(request))
+            if integration is None:
+                key = token or _bearer(request)
+                if not key and isinstance(data, dict) and isinstance(data.get("routing_key"), str):
+                    key = data["routing_key"]
+                if not key:
+                    raise payloads.PayloadError("routing_key", "is required.")
+                integration = self.authenticate(key)
+            delivery = self.parse(data)
+        except payloads.PayloadError as error:
+            if integration is not None:
+                services.count_rejected(integration)
+            raise Refused(400, str(error), "invalid", error.path) from error
+        except Refused as error:
+            if integration is not None and error.status == 413:
+                services.count_rejected(integration)
+            raise
+        return services.alerts_ingest(integration=integration, delivery=delivery)
+
+    def post(self, request, token: str = ""):
+        try:
+            result = self.handle(request, token)
+        except Refused as error:
+            return self.error_response(error)
+        except InvalidInput as error:
+            return self.error_response(Refused(400, str(error), "invalid", error.field))
+        except (OperationalError, InterfaceError):
+            logger.warning("alert not stored: database unavailable", exc_info=True)
+            return self.error_response(
+                Refused(503, "Not stored: the database cannot be reached; retry.", "unavailable")
+            )
+        return self.success_response(result, token)
+
+
+TOKEN_PARAM = OpenApiParameter(
+    "token", OpenApiTypes.STR, OpenApiParameter.PATH, description="The integration's token."
+)
+
+
+class AlertmanagerWebhook(WebhookView):
+    """Prometheus Alertmanager webhook, version 4."""
+
+    kind = IntegrationKind.ALERTMANAGER
+
+    def parse(self, data):
+        return payloads.parse_alertmanager(data)
+
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        responses={200: OpenApiTypes.OBJECT, **RESPONSES},
+        parameters=[TOKEN_PARAM],
+        summary="Alertmanager webhook (v4)",
+        auth=[],
+    )
+    def post(self, request, token: str = ""):
+        return super().post(request, token)
+
+
+class GenericWebhook(WebhookView):
+    """The tracker's own JSON format (docs/alerts.md)."""
+
+    kind = IntegrationKind.GENERIC
+
+    def parse(self, data):
+        return payloads.parse_generic(data)
+
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        responses={200: OpenApiTypes.OBJECT, **RESPONSES},
+        parameters=[TOKEN_PARAM],
+        summary="Generic JSON alert webhook",
+        auth=[],
+    )
+    def post(self, request, token: str = ""):
+        return super().post(request, token)
+
+
+class EventsV2Enqueue(WebhookView):
+    """PagerDuty Events API v2 shape: `routing_key` is the integration token. Answers as
+    that API does: 202 with the dedup key, 400 with `status`, `message` and `errors`."""
+
+    kind = IntegrationKind.EVENTS_V2
+    success_status = 202
+    token_in_body = True
+
+    dedup_key = ""
+
+    def parse(self, data):
+        delivery = payloads.parse_events_v2(data)[1]
+        self.dedup_key = delivery.alerts[0].fingerprint
+        return delivery
+
+    def error_response(self, error: Refused) -> JsonResponse:
+        status = "invalid event" if error.status == 400 else error.code
+        message = "Event object is invalid" if error.status == 400 else error.detail
+        body = {"status": status, "message": message, "errors": [error.detail]}
+        if error.field:
+            body["field"] = error.field
+        response = JsonResponse(body, status=error.status)
+        if error.status in (429, 503):
+            response["Retry-After"] = "60" if error.status == 429 else "30"
+        return response
+
+    def success_response(self, result, token_key):
+        return JsonResponse(
+            {"status": "success", "message": "Event processed", "dedup_key": self.dedup_key},
+            status=202,
+        )
+
+    @extend_schema(
+        request=OpenApiTypes.OBJECT,
+        responses={202: OpenApiTypes.OBJECT, **RESPONSES},
+        summary="Events v2 enqueue (PagerDuty-style)",
+        auth=[],
+    )
+    def post(self, request, token: str = ""):
+        return super().post(request, token)
+
+
+class HeartbeatView(APIView):
+    """`POST` (or `GET`, for the simplest cron jobs) `/api/v1/integrations/<token>/heartbeat/`."""
+
+    authentication_classes: list = []
+    permission_classes = [AllowAny]
+
+    @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, **RESPONSES}, auth=[])
+    def post(self, request, token: str = ""):
+        token = token or _bearer(request)
+        try:
+            integration = services.integration_by_token(token)
+            if integration is None:
+                return JsonResponse(
+                    {"detail": "Unknown integration key.", "code": "unknown_key"}, status=404
+                )
+            if not services.throttle_allows(integration):
+                return JsonResponse(
+                    {"detail": "Too many requests.", "code": "throttled"}, status=429
+                )
+            result = services.heartbeat_ping(integration=integration)
+        except InvalidInput as error:
+            return JsonResponse(
+                {"detail": str(error), "code": "invalid", "field": error.field}, status=400
+            )
+        except (OperationalError, InterfaceError):
+            return JsonResponse(
+                {"detail": "Not stored: the database cannot be reached.", "code": "unavailable"},
+                status=503,
+            )
+        return JsonResponse({"status": "ok", **result.as_dict()})
+
+    @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, **RESPONSES}, auth=[])
+    def get(self, request, token: str = ""):
+        return self.post(request, token)

@@ -1,0 +1,555 @@
+"""Every write of alert ingestion: integrations and their tokens, alerts into incidents,
+heartbeats.
+
+An alert delivery is processed one group at a time, each group in its own transaction, in
+a fixed order (so two deliveries never wait on each other's locks in opposite orders). A
+group's transaction stores its alerts with their payloads, opens or finds the incident,
+appends the timeline events, and resolves the incident when its last alert resolves. The
+database constraints (one firing alert per fingerprint, one open group per key) are what
+make duplicates impossible under concurrency; a transaction that loses such a race rolls
+back and is replayed, and then finds what the winner stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from django.core.cache import cache
+from django.db import IntegrityError, transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from incidents.exceptions import InvalidInput
+from incidents.models import (
+    OPEN_STATUSES,
+    Alert,
+    AlertGroup,
+    AlertRoute,
+    AlertStatus,
+    EventKind,
+    Incident,
+    Integration,
+    IntegrationKind,
+    Severity,
+)
+from incidents.services import (
+    incident_acknowledge,
+    incident_declare,
+    incident_resolve,
+    timeline_record,
+)
+
+from .payloads import AlertIn, Delivery
+
+logger = logging.getLogger(__name__)
+
+TOKEN_BYTES = 24  # 192 bits; 32 URL-safe characters
+RACE_RETRIES = 5
+# Events v2 and common Alertmanager severity labels, when an integration maps none.
+DEFAULT_SEVERITY_MAP = {
+    "critical": 1,
+    "page": 1,
+    "error": 2,
+    "high": 2,
+    "major": 2,
+    "warning": 3,
+    "medium": 3,
+    "minor": 3,
+    "info": 4,
+    "low": 4,
+}
+HEARTBEAT_FINGERPRINT = "heartbeat"
+
+
+def token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def integration_by_token(token: str, *, kind: str | None = None) -> Integration | None:
+    """The active integration whose token this is, or None. Only hashes are compared (the
+    lookup is by an indexed hash, then a constant-time check of the row found)."""
+    if not token or len(token) > 200:
+        return None
+    digest = token_hash(token)
+    integration = (
+        Integration.objects.select_related("default_service", "default_severity", "default_team")
+        .filter(token_hash=digest, is_active=True)
+        .first()
+    )
+    if integration is None or not hmac.compare_digest(integration.token_hash, digest):
+        return None
+    if kind is not None and integration.kind != kind:
+        return None
+    return integration
+
+
+def integration_create(
+    *,
+    name: str,
+    kind: str,
+    default_severity: Severity | None = None,
+    heartbeat_interval=None,
+    now: datetime | None = None,
+    **fields,
+) -> tuple[Integration, str]:
+    """Create an integration; returns it with its token, which is not stored and cannot be
+    shown again. Refuses a duplicate name or an unknown kind (InvalidInput)."""
+    name = (name or "").strip()
+    if not name:
+        raise InvalidInput("name", "may not be blank.")
+    if kind not in IntegrationKind.values:
+        raise InvalidInput("kind", f"{kind!r} is not one of {', '.join(IntegrationKind.values)}.")
+    if Integration.objects.filter(name=name).exists():
+        raise InvalidInput("name", f"an integration named {name!r} exists already.")
+    now = now or timezone.now()
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    integration = Integration(
+        name=name,
+        kind=kind,
+        token_hash=token_hash(token),
+        token_prefix=token[:8],
+        token_rotated_at=now,
+        created_at=now,
+        default_severity=default_severity,
+        heartbeat_interval=heartbeat_interval,
+        heartbeat_due_at=now + heartbeat_interval if heartbeat_interval else None,
+        **fields,
+    )
+    integration.full_clean()
+    integration.save()
+    return integration, token
+
+
+def integration_rotate_token(*, integration: Integration, now: datetime | None = None) -> str:
+    """Give the integration a new token; the old one stops working at once."""
+    now = now or timezone.now()
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    Integration.objects.filter(pk=integration.pk).update(
+        token_hash=token_hash(token), token_prefix=token[:8], token_rotated_at=now
+    )
+    integration.token_hash, integration.token_prefix = token_hash(token), token[:8]
+    integration.token_rotated_at = now
+    return token
+
+
+def throttle_allows(integration: Integration, *, now: datetime | None = None) -> bool:
+    """Count one request in this minute's window; False once the integration's limit is
+    passed. A cache that cannot be reached lets the request through: refusing alerts
+    because a counter is unavailable would be worse than not counting them."""
+    if not integration.rate_limit:
+        return True
+    now = now or timezone.now()
+    key = f"alert-throttle:{integration.pk}:{int(now.timestamp() // 60)}"
+    try:
+        cache.add(key, 0, timeout=120)
+        count = cache.incr(key)
+    except Exception:  # noqa: BLE001 - fail open, see above
+        logger.warning("throttle cache unavailable; not counting", exc_info=True)
+        return True
+    return count <= integration.rate_limit
+
+
+def count_rejected(integration: Integration) -> None:
+    Integration.objects.filter(pk=integration.pk).update(
+        requests_rejected=F("requests_rejected") + 1
+    )
+
+
+@dataclass
+class IngestResult:
+    created: int = 0  # new alerts stored
+    duplicates: int = 0  # repeated deliveries of firing alerts
+    resolved: int = 0  # alerts resolved
+    ignored: int = 0  # resolutions of alerts never seen firing
+    incidents: set[str] = field(default_factory=set)  # references touched
+    opened: set[str] = field(default_factory=set)  # references opened
+
+    def as_dict(self) -> dict:
+        return {
+            "alerts_created": self.created,
+            "duplicates": self.duplicates,
+            "alerts_resolved": self.resolved,
+            "ignored": self.ignored,
+            "incidents": sorted(self.incidents),
+            "incidents_opened": sorted(self.opened),
+        }
+
+
+def group_key_for(integration: Integration, alert: AlertIn) -> str:
+    """The key that puts alerts into one incident: the integration's grouping labels when
+    it names some, else the source's own hint. Long keys are hashed to fit the column."""
+    if integration.grouping_keys:
+        values = [alert.labels.get(name, "") for name in integration.grouping_keys]
+        key = json.dumps(values, separators=(",", ":"))
+    else:
+        key = alert.group_hint or alert.fingerprint
+    if len(key) > 255:
+        key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+    return key
+
+
+def _fingerprint(alert: AlertIn) -> str:
+    if len(alert.fingerprint) > 255:
+        return "sha256:" + hashlib.sha256(alert.fingerprint.encode()).hexdigest()
+    return alert.fingerprint
+
+
+def alerts_ingest(
+    *, integration: Integration, delivery: Delivery, now: datetime | None = None
+) -> IngestResult:
+    """Store a parsed delivery and apply it to incidents. Idempotent per alert: a delivery
+    repeated (a sender's retry) bumps counts and opens nothing. Commits before it returns;
+    raises on a database failure, having committed the groups processed before it (a retry
+    of the whole delivery is then harmless)."""
+    now = now or timezone.now()
+    result = IngestResult()
+    groups: dict[str, list[AlertIn]] = {}
+    for alert in delivery.alerts:
+        groups.setdefault(group_key_for(integration, alert), []).append(alert)
+    routes = list(
+        AlertRoute.objects.filter(Q(integration__isnull=True) | Q(integration=integration))
+        .filter(is_active=True)
+        .select_related("runbook", "severity", "service", "team")
+        .order_by("position", "pk")
+    )
+    severities = {s.level: s for s in Severity.objects.all()}
+    for key in sorted(groups):
+        for attempt in range(RACE_RETRIES):
+            partial = IngestResult()
+            try:
+                with transaction.atomic():
+                    _ingest_group(
+                        integration,
+                        key,
+                        groups[key],
+                        delivery=delivery,
+                        routes=routes,
+                        severities=severities,
+                        result=partial,
+                        now=now,
+                    )
+            except IntegrityError:
+                # A concurrent delivery stored the same alert or opened the same group
+                # first; replaying finds what it stored.
+                if attempt == RACE_RETRIES - 1:
+                    raise
+                continue
+            break
+        result.created += partial.created
+        result.duplicates += partial.duplicates
+        result.resolved += partial.resolved
+        result.ignored += partial.ignored
+        result.incidents |= partial.incidents
+        result.opened |= partial.opened
+    Integration.objects.filter(pk=integration.pk).update(
+        alerts_received=F("alerts_received") + len(delivery.alerts), last_received_at=now
+    )
+    return result
+
+
+def _ingest_group(
+    integration: Integration,
+    key: str,
+    alerts: list[AlertIn],
+    *,
+    delivery: Delivery,
+    routes: list[AlertRoute],
+    severities: dict[int, Severity],
+    result: IngestResult,
+    now: datetime,
+) -> None:
+    label = f"integration {integration.name}"
+    # The last word on each fingerprint in this delivery wins (a sender that batches a
+    # firing and its resolution sends them in order).
+    latest: dict[str, AlertIn] = {}
+    for alert in alerts:
+        latest[_fingerprint(alert)] = alert
+    fingerprints = sorted(latest)
+    firing_rows = {
+        row.fingerprint: row
+        for row in Alert.objects.select_for_update()
+        .filter(integration=integration, fingerprint__in=fingerprints, status=AlertStatus.FIRING)
+        .order_by("fingerprint")
+    }
+    new_alerts: list[tuple[str, AlertIn]] = []
+    touched: dict[int, None] = {}
+    acknowledge: dict[int, None] = {}
+    for fingerprint in fingerprints:
+        alert = latest[fingerprint]
+        row = firing_rows.get(fingerprint)
+        if alert.action == "acknowledge":
+            if row is None or not row.incident_id:
+                result.ignored += 1
+            else:
+                acknowledge[row.incident_id] = None
+                result.incidents.add(row.incident_id)
+        elif alert.status == AlertStatus.RESOLVED:
+            if row is None:
+                result.ignored += 1
+                continue
+            Alert.objects.filter(pk=row.pk).update(
+                status=AlertStatus.RESOLVED,
+                resolved_at=now,
+                ends_at=alert.ends_at or now,
+                last_received_at=now,
+                payload=alert.payload or row.payload,
+            )
+            result.resolved += 1
+            if row.incident_id:
+                touched[row.incident_id] = None
+                timeline_record(
+                    incident=Incident(pk=row.incident_id),
+                    kind=EventKind.ALERT_RESOLVED,
+                    actor=None,
+                    actor_label=label,
+                    now=now,
+                    value=fingerprint,
+                    message=row.name,
+                )
+        elif row is not None:
+            # A repeated delivery of an alert that is still firing: count it, nothing more.
+            Alert.objects.filter(pk=row.pk).update(
+                count=F("count") + 1,
+                last_received_at=now,
+                payload=alert.payload or row.payload,
+            )
+            result.duplicates += 1
+            if row.incident_id:
+                result.incidents.add(row.incident_id)
+        else:
+            new_alerts.append((fingerprint, alert))
+    if new_alerts:
+        incident = _group_incident(
+            integration, key, [a for _, a in new_alerts], routes, severities, result, now
+        )
+        Alert.objects.bulk_create(
+            [
+                Alert(
+                    integration=integration,
+                    incident=incident,
+                    fingerprint=fingerprint,
+                    group_key=key,
+                    status=AlertStatus.FIRING,
+                    name=alert.name,
+                    summary=alert.summary,
+                    source=alert.source,
+                    severity_label=alert.severity_label or _severity_label(integration, alert),
+                    labels=alert.labels,
+                    annotations=alert.annotations,
+                    payload=alert.payload,
+                    starts_at=alert.starts_at,
+                    ends_at=alert.ends_at,
+                    first_received_at=now,
+                    last_received_at=now,
+                )
+                for fingerprint, alert in new_alerts
+            ]
+        )
+        result.created += len(new_alerts)
+        result.incidents.add(incident.pk)
+        truncated = (
+            f" ({delivery.truncated} more alerts of this group were left out by the sender)"
+            if delivery.truncated
+            else ""
+        )
+        for fingerprint, alert in new_alerts:
+            timeline_record(
+                incident=incident,
+                kind=EventKind.ALERT_FIRED,
+                actor=None,
+                actor_label=label,
+                now=now,
+                value=fingerprint,
+                message=(alert.name + (f": {alert.summary}" if alert.summary else ""))[:2000]
+                + truncated,
+            )
+    for incident_id in acknowledge:
+        incident = Incident.objects.get(pk=incident_id)
+        if incident.status in OPEN_STATUSES and incident.acknowledged_at is None:
+            incident_acknowledge(incident=incident, actor=None, actor_label=label, now=now)
+    for incident_id in sorted(touched):
+        result.incidents.add(incident_id)
+        if integration.auto_resolve:
+            _resolve_if_quiet(incident_id, label=label, now=now)
+    result.incidents = {
+        ref
+        for ref in Incident.objects.filter(pk__in=result.incidents).values_list(
+            "reference", flat=True
+        )
+    }
+
+
+def _group_incident(
+    integration: Integration,
+    key: str,
+    alerts: list[AlertIn],
+    routes: list[AlertRoute],
+    severities: dict[int, Severity],
+    result: IngestResult,
+    now: datetime,
+) -> Incident:
+    """The open incident of the group, locked; a new one (and a new group) if there is none
+    or the group's incident is no longer open."""
+    group = (
+        AlertGroup.objects.filter(integration=integration, key=key, is_open=True)
+        .only("pk", "incident_id")
+        .first()
+    )
+    if group is not None:
+        incident = Incident.objects.select_for_update().get(pk=group.incident_id)
+        if incident.status in OPEN_STATUSES:
+            return incident
+        AlertGroup.objects.filter(pk=group.pk, is_open=True).update(is_open=False)
+    first = alerts[0]
+    route = next((r for r in routes if r.matches(first.name, first.labels)), None)
+    severity = _pick_severity(integration, alerts, route, severities)
+    service = (route.service if route and route.service_id else None) or (
+        integration.default_service
+    )
+    team = (route.team if route and route.team_id else None) or integration.default_team
+    summary = "\n".join(dict.fromkeys(a.summary for a in alerts if a.summary))[:10_000]
+    incident = incident_declare(
+        title=(first.name if len(alerts) == 1 else f"{first.name} and {len(alerts) - 1} more")[:200]
+        or "Alert",
+        severity=severity,
+        actor=None,
+        actor_label=f"integration {integration.name}",
+        summary=summary,
+        services=[service] if service else [],
+        team=team,
+        runbook=route.runbook if route and route.runbook_id else None,
+        detected_at=min(
+            [a.starts_at for a in alerts if a.starts_at and a.starts_at <= now] or [now]
+        ),
+        now=now,
+    )
+    AlertGroup.objects.create(integration=integration, key=key, incident=incident, created_at=now)
+    result.opened.add(incident.reference)
+    return incident
+
+
+def _severity_label(integration: Integration, alert: AlertIn) -> str:
+    return alert.labels.get(integration.severity_label, "")[:100]
+
+
+def _pick_severity(
+    integration: Integration,
+    alerts: list[AlertIn],
+    route: AlertRoute | None,
+    severities: dict[int, Severity],
+) -> Severity:
+    """A matching route's severity; else the worst severity the mapping gives the group's
+    alerts; else the integration's default; else the least severe level."""
+    if route is not None and route.severity_id:
+        return severities.get(route.severity.level) or route.severity
+    mapping = {
+        str(k).lower(): v for k, v in (integration.severity_map or DEFAULT_SEVERITY_MAP).items()
+    }
+    levels = []
+    for alert in alerts:
+        value = (alert.severity_label or _severity_label(integration, alert)).lower()
+        level = mapping.get(value)
+        if isinstance(level, int) and level in severities:
+            levels.append(level)
+    if levels:
+        return severities[min(levels)]
+    if integration.default_severity_id:
+        return integration.default_severity
+    if not severities:
+        raise InvalidInput("severity", "no severity is configured; load a playbook first.")
+    return severities[max(severities)]
+
+
+def _resolve_if_quiet(incident_id: int, *, label: str, now: datetime) -> None:
+    """Resolve the incident if it is open and none of its alerts is firing. The incident
+    row is locked first, as the firing path locks it, so a new alert joining the incident
+    concurrently is either seen here or finds the incident resolved and opens another."""
+    incident = Incident.objects.select_for_update().get(pk=incident_id)
+    if incident.status not in OPEN_STATUSES:
+        return
+    if Alert.objects.filter(incident_id=incident_id, status=AlertStatus.FIRING).exists():
+        return
+    incident_resolve(
+        incident=incident,
+        actor=None,
+        actor_label=label,
+        resolution="Every alert of this incident has resolved.",
+        now=now,
+    )
+
+
+# --- heartbeats -------------------------------------------------------------------------------
+
+
+def _heartbeat_alert(integration: Integration, status: str) -> AlertIn:
+    return AlertIn(
+        fingerprint=HEARTBEAT_FINGERPRINT,
+        status=status,
+        name=f"Heartbeat missed: {integration.name}"[:255],
+        group_hint=HEARTBEAT_FINGERPRINT,
+        summary=(
+            f"No heartbeat from {integration.name} for {integration.heartbeat_interval}."
+            if integration.heartbeat_interval
+            else ""
+        ),
+        source=integration.name,
+        labels={"alertname": "HeartbeatMissed", "integration": integration.name},
+    )
+
+
+def heartbeat_ping(*, integration: Integration, now: datetime | None = None) -> IngestResult:
+    """Record a heartbeat: the next one is due an interval from now. If a missed heartbeat
+    had opened an incident, its alert resolves (and, with auto-resolve, the incident)."""
+    now = now or timezone.now()
+    if not integration.heartbeat_interval:
+        raise InvalidInput("heartbeat", f"{integration.name} does not expect heartbeats.")
+    Integration.objects.filter(pk=integration.pk).update(
+        last_heartbeat_at=now, heartbeat_due_at=now + integration.heartbeat_interval
+    )
+    if Alert.objects.filter(
+        integration=integration, fingerprint=HEARTBEAT_FINGERPRINT, status=AlertStatus.FIRING
+    ).exists():
+        return alerts_ingest(
+            integration=integration,
+            delivery=Delivery(alerts=[_heartbeat_alert(integration, AlertStatus.RESOLVED)]),
+            now=now,
+        )
+    return IngestResult()
+
+
+def heartbeats_check(*, now: datetime | None = None, batch: int = 100) -> int:
+    """Open an incident, through the same path as an alert, for each integration whose
+    heartbeat is overdue. Idempotent: the due time is cleared with a compare-and-set (the
+    next ping sets it again), and the alert's fingerprint is unique while firing."""
+    now = now or timezone.now()
+    opened = 0
+    due: Iterable[Integration] = Integration.objects.filter(
+        is_active=True, heartbeat_due_at__lte=now
+    ).order_by("heartbeat_due_at", "pk")[:batch]
+    for integration in due:
+        claimed = Integration.objects.filter(
+            pk=integration.pk, heartbeat_due_at=integration.heartbeat_due_at
+        ).update(heartbeat_due_at=None)
+        if not claimed:
+            continue
+        try:
+            alerts_ingest(
+                integration=integration,
+                delivery=Delivery(alerts=[_heartbeat_alert(integration, AlertStatus.FIRING)]),
+                now=now,
+            )
+        except Exception:
+            # Put the claim back so the next sweep tries again.
+            Integration.objects.filter(pk=integration.pk, heartbeat_due_at__isnull=True).update(
+                heartbeat_due_at=integration.heartbeat_due_at
+            )
+            raise
+        opened += 1
+    return opened
