@@ -6,6 +6,7 @@ from functools import partial
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin import helpers
 from django.contrib.admin.utils import unquote
 from django.contrib.admin.widgets import AutocompleteSelect
 from django.contrib.auth import get_user_model
@@ -18,14 +19,16 @@ from django.http import (
     HttpResponseRedirect,
     JsonResponse,
 )
+from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html_join
 
-from . import services
+from . import admin_alerts, services  # noqa: F401 - admin_alerts registers its admins
 from .deadlines import target_states
 from .exceptions import DomainError
 from .formatting import humanize_duration, severity_badge, status_badge, target_badge
+from .markdown import render_markdown
 from .models import (
     OPEN_STATUSES,
     Incident,
@@ -185,6 +188,7 @@ class IncidentAdminForm(forms.ModelForm):
             "customer_impact",
             "is_drill",
             "false_positive",
+            "runbook",
             "detected_at",
         ]
 
@@ -197,6 +201,27 @@ class IncidentAdminForm(forms.ModelForm):
 
 class NoteForm(forms.Form):
     body = forms.CharField(widget=forms.Textarea, max_length=services.MAX_NOTE_LENGTH)
+
+
+class MergeForm(forms.Form):
+    target = forms.CharField(
+        max_length=30,
+        label="Merge into",
+        help_text="The reference of the incident that carries on, e.g. INC-1042.",
+    )
+    reason = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3}),
+        max_length=services.MAX_NOTE_LENGTH,
+        help_text="Optional; recorded on both timelines.",
+    )
+
+    def clean_target(self) -> Incident:
+        reference = self.cleaned_data["target"].strip()
+        target = Incident.objects.filter(reference__iexact=reference).first()
+        if target is None:
+            raise forms.ValidationError(f"There is no incident {reference}.")
+        return target
 
 
 class UserAutocomplete(AutocompleteSelect):
@@ -249,9 +274,9 @@ class IncidentAdmin(admin.ModelAdmin):
     show_full_result_count = False
     paginator = EstimatedCountPaginator
     list_per_page = 50
-    autocomplete_fields = ["services", "team"]
+    autocomplete_fields = ["services", "team", "runbook"]
     inlines = [TimelineInline]
-    actions = ["acknowledge", "assign_me_commander", "escalate", "resolve"]
+    actions = ["acknowledge", "assign_me_commander", "escalate", "resolve", "merge_into"]
     readonly_fields = ["reference", "status_display", *TIMESTAMP_FIELDS, "sla_display"]
     change_form_template = "admin/incidents/incident/change_form.html"
 
@@ -310,7 +335,16 @@ class IncidentAdmin(admin.ModelAdmin):
         return [
             (
                 None,
-                {"fields": ["reference", "status_display", "sla_display", *main, "false_positive"]},
+                {
+                    "fields": [
+                        "reference",
+                        "status_display",
+                        "sla_display",
+                        *main,
+                        "false_positive",
+                        "runbook",
+                    ]
+                },
             ),
             (
                 "Timestamps and deadlines",
@@ -531,8 +565,40 @@ class IncidentAdmin(admin.ModelAdmin):
                 ).select_related("role", "user"),
                 note_form=NoteForm(),
                 role_form=RoleForm(admin_site=self.admin_site),
+                **self._alert_context(obj),
             )
         return super().render_change_form(request, context, add, change, form_url, obj)
+
+    ALERTS_SHOWN = 20
+
+    def _alert_context(self, obj: Incident) -> dict:
+        """The runbook (steps rendered safely), the latest alerts, and where a merge went."""
+        runbook = obj.runbook
+        alerts = list(
+            obj.alerts.select_related("integration").order_by("-last_received_at", "-pk")[
+                : self.ALERTS_SHOWN + 1
+            ]
+        )
+        return {
+            "runbook": runbook,
+            "runbook_steps": render_markdown(runbook.steps) if runbook else "",
+            # Only web links: a playbook file could hold any text in this field.
+            "runbook_url": runbook.url
+            if runbook and runbook.url.lower().startswith(("https://", "http://"))
+            else "",
+            "alerts": alerts[: self.ALERTS_SHOWN],
+            "alerts_more": len(alerts) > self.ALERTS_SHOWN,
+            "merged_into": (
+                Incident.objects.only("pk", "reference", "title").get(pk=obj.merged_into_id)
+                if obj.merged_into_id
+                else None
+            ),
+            "merged_incidents": list(
+                Incident.objects.filter(merged_into=obj)
+                .only("pk", "reference", "title")
+                .order_by("number")
+            ),
+        }
 
     # --- bulk actions -------------------------------------------------------------------------
 
@@ -627,6 +693,37 @@ class IncidentAdmin(admin.ModelAdmin):
             queryset,
             "escalated: the next level is paged at the next engine tick",
             lambda incident: incident_escalate(incident=incident, actor=request.user),
+        )
+
+    @admin.action(description="Merge selected incidents into…", permissions=["change"])
+    def merge_into(self, request, queryset):
+        """Django's confirmation step: the first POST shows a form for the surviving
+        incident; the second (with `post`) merges each selected incident into it."""
+        confirmed = request.POST.get("post") == "yes"
+        form = MergeForm(request.POST if confirmed else None)
+        if confirmed and form.is_valid():
+            target, reason = form.cleaned_data["target"], form.cleaned_data["reason"]
+            self._apply(
+                request,
+                queryset,
+                f"merged into {target.reference}",
+                lambda incident: services.incident_merge(
+                    source=incident, target=target, actor=request.user, reason=reason
+                ),
+                already=lambda incident: incident.merged_into_id == target.pk,
+            )
+            return None
+        return TemplateResponse(
+            request,
+            "admin/incidents/incident/merge_confirmation.html",
+            {
+                **self.admin_site.each_context(request),
+                "title": "Merge incidents",
+                "opts": self.opts,
+                "incidents": list(queryset.order_by("number").select_related("severity")),
+                "form": form,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+            },
         )
 
     @admin.action(description="Resolve selected incidents", permissions=["change"])

@@ -7,8 +7,10 @@ no incident with its title exists yet.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TextIO
 
 from django.apps import apps as django_apps
 from django.contrib.auth import get_user_model
@@ -20,7 +22,18 @@ from escalation.models import Team
 
 from . import services
 from .defaults import ensure_groups, ensure_roles
-from .models import Impact, Incident, IncidentStatus, Role, Service, Severity
+from .models import (
+    AlertRoute,
+    Impact,
+    Incident,
+    IncidentStatus,
+    Integration,
+    IntegrationKind,
+    Role,
+    Runbook,
+    Service,
+    Severity,
+)
 
 S = IncidentStatus
 DEMO_ADMIN = "admin"
@@ -96,6 +109,65 @@ PEOPLE = [
     ("carol", "Carol", "Incident managers"),
     ("victor", "Victor", "Viewers"),
 ]
+
+
+# The Pivotal Flow runbooks (seed 004): code, title, severity level, scope; the steps are
+# our own summary. Its "Medium-High" for RB-03 is taken as Sev2. Reviewed monthly.
+RUNBOOKS = [
+    (
+        "RB-01",
+        "Backend service down",
+        1,
+        "The backend is unreachable or failing its health checks.",
+        """1. **Confirm** the outage: health endpoint, `up` metric, container state.
+2. Check the host: CPU, memory, disk, network.
+3. Check dependencies: database, cache, upstream APIs.
+4. Read the last logs before the failure; note any deploy in the last hour.
+5. Restart the service (or roll back the deploy) and watch the health check.
+6. Watch error rate and latency for 15 minutes before calling it resolved.
+
+Escalate to the team lead after 30 minutes without a cause.""",
+    ),
+    (
+        "RB-02",
+        "Database issues",
+        2,
+        "Slow queries, exhausted connections or a database that refuses connections.",
+        """1. Check that the database accepts connections from the application hosts.
+2. Compare active connections with the pool size; look for idle-in-transaction sessions.
+3. List the slowest running queries; cancel a runaway one if it blocks others.
+4. Check locks, replication lag and disk space.
+5. Add the missing index or refresh statistics once the pressure is off.
+
+Escalate to the DevOps lead after an hour, or at once if data may be lost.""",
+    ),
+    (
+        "RB-03",
+        "Cache issues",
+        2,
+        "Redis unavailable, memory pressure, evictions or a falling hit rate.",
+        """1. `PING` the cache from an application host.
+2. Check memory use against `maxmemory` and the eviction rate.
+3. Check the hit rate: a sudden drop often follows a deploy that changed keys.
+4. Free memory (expire stale keys) or scale the cache; restart only as a last resort.
+5. Confirm the hit rate and latency recover.""",
+    ),
+]
+# Its alert-to-runbook mapping; Critical alerts open Sev1 incidents, Warnings Sev3.
+CRITICAL, WARNING = 1, 3
+ALERT_ROUTES = [
+    ("BackendServiceDown", "RB-01", CRITICAL),
+    ("HighErrorRate", "RB-01", WARNING),
+    ("SlowRequests", "RB-01", WARNING),
+    ("DatabaseSlowQueries", "RB-02", WARNING),
+    ("DatabaseHighConnections", "RB-02", WARNING),
+    ("DatabaseConnectionFailure", "RB-02", CRITICAL),
+    ("RedisHighEvictions", "RB-03", WARNING),
+    ("RedisConnectionFailure", "RB-03", CRITICAL),
+    ("CacheLowHitRate", "RB-03", WARNING),
+    ("RedisHighMemoryUsage", "RB-03", WARNING),
+]
+DEMO_INTEGRATION = "Prometheus (demo)"
 
 
 @dataclass
@@ -232,12 +304,24 @@ def demo_password() -> str:
 
 
 @transaction.atomic
-def load_demo(*, now: datetime | None = None) -> dict[str, int]:
-    """Create the demo configuration, users and incidents that do not exist yet."""
+def load_demo(*, now: datetime | None = None, out: TextIO | None = None) -> dict[str, int]:
+    """Create the demo configuration, users and incidents that do not exist yet.
+
+    The demo Alertmanager integration's token is written to `out` (default: standard
+    output) only in the run that creates the integration: it is not stored, so later runs
+    cannot print it (rotate it in the admin for a new one)."""
     now = now or timezone.now()
     ensure_roles(django_apps)
     ensure_groups(django_apps)
-    created = {"severities": 0, "services": 0, "users": 0, "incidents": 0}
+    created = {
+        "severities": 0,
+        "services": 0,
+        "users": 0,
+        "incidents": 0,
+        "runbooks": 0,
+        "alert routes": 0,
+        "integrations": 0,
+    }
 
     for values in SEVERITIES:
         _, made = Severity.objects.get_or_create(level=values["level"], defaults=values)
@@ -281,6 +365,8 @@ def load_demo(*, now: datetime | None = None) -> dict[str, int]:
         )
         created["services"] += made
     service_map = {s.slug: s for s in Service.objects.all()}
+
+    _load_alerting(team, severities, created, out or sys.stdout)
 
     commander = Role.objects.get(slug="incident-commander")
     existing = set(
@@ -328,6 +414,48 @@ def load_demo(*, now: datetime | None = None) -> dict[str, int]:
             )
         created["incidents"] += 1
     return created
+
+
+def _load_alerting(team, severities, created: dict[str, int], out: TextIO) -> None:
+    """The Pivotal Flow runbooks and alert routes, and an Alertmanager integration."""
+    from .admin_alerts import integration_endpoints
+    from .ingestion.services import integration_create
+
+    runbooks = {}
+    for code, title, level, scope, steps in RUNBOOKS:
+        runbooks[code], made = Runbook.objects.get_or_create(
+            code=code,
+            defaults={
+                "title": title,
+                "severity": severities.get(level),
+                "scope": scope,
+                "steps": steps,
+                "review_interval": timedelta(days=30),
+            },
+        )
+        created["runbooks"] += made
+    for position, (alert_name, code, level) in enumerate(ALERT_ROUTES, start=1):
+        _, made = AlertRoute.objects.get_or_create(
+            alert_name=alert_name,
+            integration=None,
+            defaults={
+                "position": position * 10,
+                "runbook": runbooks[code],
+                "severity": severities.get(level),
+            },
+        )
+        created["alert routes"] += made
+    if Integration.objects.filter(name=DEMO_INTEGRATION).exists():
+        return
+    integration, token = integration_create(
+        name=DEMO_INTEGRATION, kind=IntegrationKind.ALERTMANAGER, default_team=team
+    )
+    created["integrations"] += 1
+    url = integration_endpoints(integration, token).webhook_url
+    out.write(
+        f"\n  Alertmanager webhook for {DEMO_INTEGRATION} (the token is shown only now):\n"
+        f"    {url}\n\n"
+    )
 
 
 def _load_escalation(team, people, severities, now) -> None:

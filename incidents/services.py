@@ -49,6 +49,7 @@ EDITABLE_FIELDS = (
     "customer_impact",
     "is_drill",
     "false_positive",
+    "runbook",
 )
 
 
@@ -504,6 +505,12 @@ def incident_update(
         raise InvalidInput("services", "must be a list of services.")
     if "team" in changes and changes["team"] is not None and not isinstance(changes["team"], Team):
         raise InvalidInput("team", "must be a team or empty.")
+    if (
+        "runbook" in changes
+        and changes["runbook"] is not None
+        and not isinstance(changes["runbook"], Runbook)
+    ):
+        raise InvalidInput("runbook", "must be a runbook or empty.")
     for flag in ("is_drill", "false_positive"):
         if flag in changes and not isinstance(changes[flag], bool):
             raise InvalidInput(flag, "must be true or false.")

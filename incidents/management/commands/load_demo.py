@@ -10,7 +10,7 @@ class Command(BaseCommand):
         parser.add_argument("--admin-url", default="", help="Print this as the admin's address.")
 
     def handle(self, *args, admin_url: str = "", **options):
-        created = load_demo()
+        created = load_demo(out=self.stdout)
         summary = ", ".join(f"{count} {name}" for name, count in created.items())
         self.stdout.write(f"Demo data ready (created now: {summary}).")
         if admin_url:
