@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 
 from django.conf import settings
-from django.db import InterfaceError, OperationalError
+from django.db import IntegrityError, InterfaceError, OperationalError
 from django.http import JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -141,6 +141,18 @@ class WebhookView(APIView):
             return self.error_response(
                 Refused(503, "Not stored: the database cannot be reached; retry.", "unavailable")
             )
+        except IntegrityError:
+            # Lost the race with concurrent deliveries of the same alerts more often than
+            # the service retries: nothing wrong with the input, so the sender retries.
+            logger.warning("alert not stored: repeated conflicts", exc_info=True)
+            return self.error_response(
+                Refused(503, "Not stored: concurrent deliveries conflicted; retry.", "conflict")
+            )
+        except services.NotConfigured as error:
+            logger.error("alert not stored: %s", error)
+            return self.error_response(
+                Refused(503, f"Not stored: {error} Retry later.", "not_configured")
+            )
         return self.success_response(result, token)
 
 
@@ -230,10 +242,18 @@ class EventsV2Enqueue(WebhookView):
 
 
 class HeartbeatView(APIView):
-    """`POST` (or `GET`, for the simplest cron jobs) `/api/v1/integrations/<token>/heartbeat/`."""
+    """`POST` (or `GET`, for the simplest cron jobs) `/api/v1/integrations/<token>/heartbeat/`.
+
+    Any kind of integration may send heartbeats, when it has a heartbeat interval."""
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
+
+    def _answer(self, error: Refused) -> JsonResponse:
+        response = JsonResponse(_error_body(error), status=error.status)
+        if error.status in (429, 503):
+            response["Retry-After"] = "60" if error.status == 429 else "30"
+        return response
 
     @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, **RESPONSES}, auth=[])
     def post(self, request, token: str = ""):
@@ -241,23 +261,26 @@ class HeartbeatView(APIView):
         try:
             integration = services.integration_by_token(token)
             if integration is None:
-                return JsonResponse(
-                    {"detail": "Unknown integration key.", "code": "unknown_key"}, status=404
-                )
+                return self._answer(Refused(404, "Unknown integration key.", "unknown_key"))
             if not services.throttle_allows(integration):
-                return JsonResponse(
-                    {"detail": "Too many requests.", "code": "throttled"}, status=429
+                services.count_rejected(integration)
+                return self._answer(
+                    Refused(
+                        429,
+                        f"More than {integration.rate_limit} requests this minute.",
+                        "throttled",
+                    )
                 )
             result = services.heartbeat_ping(integration=integration)
         except InvalidInput as error:
-            return JsonResponse(
-                {"detail": str(error), "code": "invalid", "field": error.field}, status=400
+            return self._answer(Refused(400, str(error), "invalid", error.field))
+        except (OperationalError, InterfaceError, IntegrityError):
+            logger.warning("heartbeat not stored: database unavailable", exc_info=True)
+            return self._answer(
+                Refused(503, "Not stored: the database cannot be reached; retry.", "unavailable")
             )
-        except (OperationalError, InterfaceError):
-            return JsonResponse(
-                {"detail": "Not stored: the database cannot be reached.", "code": "unavailable"},
-                status=503,
-            )
+        except services.NotConfigured as error:
+            return self._answer(Refused(503, f"Not stored: {error}", "not_configured"))
         return JsonResponse({"status": "ok", **result.as_dict()})
 
     @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, **RESPONSES}, auth=[])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -58,13 +60,71 @@ class Delivery:
     truncated: int = 0  # Alertmanager's truncatedAlerts: alerts left out of this request
 
 
+# Deeper than any format here needs; bounded so that storing the payload (jsonb) cannot hit
+# PostgreSQL's stack limit, which would look like an outage (503) instead of a 400.
+MAX_DEPTH = 32
+# Text PostgreSQL refuses to store (in text or jsonb): NUL, and halves of surrogate pairs.
+UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def _reject_constant(name: str):
+    raise PayloadError("", f"malformed JSON: {name} is not valid JSON.")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise PayloadError("", f"the number {text[:40]} is out of range.")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
+    """The body as JSON, refusing what could not be stored: NaN and Infinity, numbers out of
+    range, nesting deeper than MAX_DEPTH, and text with NUL or unpaired surrogates."""
     try:
-        return json.loads(body)
+        text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise PayloadError("", "the body is not UTF-8 text.") from error
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except PayloadError:
+        raise
     except json.JSONDecodeError as error:
         raise PayloadError("", f"malformed JSON: {error.msg} at line {error.lineno}.") from error
+    except RecursionError as error:
+        raise PayloadError("", f"the JSON is nested too deep (at most {MAX_DEPTH}).") from error
+    except ValueError as error:  # an integer with more digits than Python converts
+        raise PayloadError("", "a number in the body is too long.") from error
+    _check_storable(data)
+    return data
+
+
+def _check_storable(data: Any) -> None:
+    """Walk the parsed body without recursion; raise for the first value PostgreSQL could
+    not store, naming its path."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        if isinstance(value, str):
+            if UNSTORABLE.search(value):
+                raise PayloadError(path, "contains a NUL character or an unpaired surrogate.")
+            continue
+        if not isinstance(value, dict | list):
+            continue
+        if depth >= MAX_DEPTH:
+            raise PayloadError(path, f"is nested too deep (at most {MAX_DEPTH} levels).")
+        if isinstance(value, dict):
+            for key in value:
+                if UNSTORABLE.search(key):
+                    raise PayloadError(
+                        f"{path}.{key}" if path else key,
+                        "the name contains a NUL character or an unpaired surrogate.",
+                    )
+            for key, item in reversed(value.items()):
+                stack.append((item, f"{path}.{key}" if path else key, depth + 1))
+        else:
+            for index, item in reversed(list(enumerate(value))):
+                stack.append((item, f"{path}[{index}]", depth + 1))
 
 
 def _object(value: Any, path: str) -> dict:
@@ -128,7 +188,10 @@ def _time(obj: dict, key: str, path: str, *, zero_is_none: bool = False) -> date
         raise PayloadError(where, f"{value[:40]!r} has no time zone offset.")
     if parsed.year < 1970:
         return None
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError as error:
+        raise PayloadError(where, f"{value[:40]!r} is out of range.") from error
 
 
 def labels_fingerprint(*parts: Any) -> str:
@@ -168,16 +231,16 @@ def parse_alertmanager(data: Any) -> Delivery:
         annotations = _string_map(item, "annotations", path)
         starts_at = _time(item, "startsAt", path, zero_is_none=True)
         ends_at = _time(item, "endsAt", path, zero_is_none=True)
-        _string(item, "generatorURL", path, limit=MAX_TEXT)
+        generator_url = _string(item, "generatorURL", path, limit=MAX_TEXT)
         fingerprint = _string(item, "fingerprint", path) or labels_fingerprint(labels)
         alerts.append(
             AlertIn(
                 fingerprint=fingerprint,
                 status=status,
-                name=labels.get("alertname", "")[:MAX_KEY] or "Alert",
+                name=labels.get("alertname", "").strip()[:MAX_KEY] or "Alert",
                 group_hint=group_key or labels_fingerprint(labels),
                 summary=annotations.get("summary") or annotations.get("description", ""),
-                source=item.get("generatorURL", "")[:MAX_KEY],
+                source=generator_url[:MAX_KEY],
                 labels=labels,
                 annotations=annotations,
                 payload=item,
@@ -192,7 +255,9 @@ def parse_events_v2(data: Any) -> tuple[str, Delivery]:
     """A PagerDuty Events API v2 event. Returns the routing key and the delivery; a trigger
     without a dedup key gets a new one (returned to the sender in the 202)."""
     data = _object(data, "")
-    routing_key = _string(data, "routing_key", "", required=True)
+    # Checked, not required: the webhook also takes the key from `Authorization: Bearer`, and
+    # refuses a request that has it in neither place.
+    routing_key = _string(data, "routing_key", "")
     action = _string(data, "event_action", "", required=True)
     if action not in EVENTS_V2_ACTIONS:
         raise PayloadError("event_action", f"must be one of {', '.join(EVENTS_V2_ACTIONS)}.")

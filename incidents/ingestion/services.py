@@ -146,7 +146,9 @@ def throttle_allows(integration: Integration, *, now: datetime | None = None) ->
     if not integration.rate_limit:
         return True
     now = now or timezone.now()
-    key = f"alert-throttle:{integration.pk}:{int(now.timestamp() // 60)}"
+    # Keyed by the token's hash, not the primary key: it names this integration in any
+    # database that shares the cache (staging beside production, parallel test runs).
+    key = f"alert-throttle:{integration.token_hash[:24]}:{int(now.timestamp() // 60)}"
     try:
         cache.add(key, 0, timeout=120)
         count = cache.incr(key)
@@ -160,6 +162,11 @@ def count_rejected(integration: Integration) -> None:
     Integration.objects.filter(pk=integration.pk).update(
         requests_rejected=F("requests_rejected") + 1
     )
+
+
+class NotConfigured(Exception):
+    """The tracker cannot store this alert until it is configured (no severity exists). Not
+    the sender's fault: the webhook answers 503, so the sender retries."""
 
 
 @dataclass
@@ -240,6 +247,7 @@ def alerts_ingest(
                 # first; replaying finds what it stored.
                 if attempt == RACE_RETRIES - 1:
                     raise
+                logger.info("group %r of %s lost a race; replaying", key, integration.name)
                 continue
             break
         result.created += partial.created
@@ -396,17 +404,28 @@ def _group_incident(
     now: datetime,
 ) -> Incident:
     """The open incident of the group, locked; a new one (and a new group) if there is none
-    or the group's incident is no longer open."""
-    group = (
-        AlertGroup.objects.filter(integration=integration, key=key, is_open=True)
-        .only("pk", "incident_id")
-        .first()
-    )
-    if group is not None:
+    or the group's incident is no longer open.
+
+    The group is read without a lock (a merge locks incidents first, then moves groups), so
+    after the incident's lock is granted the group is read again: a merge that committed
+    meanwhile has moved it to the surviving incident, and that is the one to lock."""
+    for _ in range(RACE_RETRIES):
+        group = (
+            AlertGroup.objects.filter(integration=integration, key=key, is_open=True)
+            .only("pk", "incident_id")
+            .first()
+        )
+        if group is None:
+            break
         incident = Incident.objects.select_for_update().get(pk=group.incident_id)
+        if not AlertGroup.objects.filter(
+            pk=group.pk, incident_id=incident.pk, is_open=True
+        ).exists():
+            continue  # moved by a merge, or closed, while we waited for the lock
         if incident.status in OPEN_STATUSES:
             return incident
         AlertGroup.objects.filter(pk=group.pk, is_open=True).update(is_open=False)
+        break
     first = alerts[0]
     route = next((r for r in routes if r.matches(first.name, first.labels)), None)
     severity = _pick_severity(integration, alerts, route, severities)
@@ -415,9 +434,9 @@ def _group_incident(
     )
     team = (route.team if route and route.team_id else None) or integration.default_team
     summary = "\n".join(dict.fromkeys(a.summary for a in alerts if a.summary))[:10_000]
+    name = first.name.strip() or "Alert"
     incident = incident_declare(
-        title=(first.name if len(alerts) == 1 else f"{first.name} and {len(alerts) - 1} more")[:200]
-        or "Alert",
+        title=(name if len(alerts) == 1 else f"{name} and {len(alerts) - 1} more")[:200],
         severity=severity,
         actor=None,
         actor_label=f"integration {integration.name}",
@@ -450,21 +469,33 @@ def _pick_severity(
     if route is not None and route.severity_id:
         return severities.get(route.severity.level) or route.severity
     mapping = {
-        str(k).lower(): v for k, v in (integration.severity_map or DEFAULT_SEVERITY_MAP).items()
+        str(k).strip().lower(): _level(v)
+        for k, v in (integration.severity_map or DEFAULT_SEVERITY_MAP).items()
     }
     levels = []
     for alert in alerts:
-        value = (alert.severity_label or _severity_label(integration, alert)).lower()
+        value = (alert.severity_label or _severity_label(integration, alert)).strip().lower()
         level = mapping.get(value)
-        if isinstance(level, int) and level in severities:
+        if level in severities:
             levels.append(level)
     if levels:
         return severities[min(levels)]
     if integration.default_severity_id:
         return integration.default_severity
     if not severities:
-        raise InvalidInput("severity", "no severity is configured; load a playbook first.")
+        raise NotConfigured("No severity is configured; load a playbook first.")
     return severities[max(severities)]
+
+
+def _level(value) -> int | None:
+    """A severity level from a mapping value: 1, or "1" as typed in the admin's JSON."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    return None
 
 
 def _resolve_if_quiet(incident_id: int, *, label: str, now: datetime) -> None:
