@@ -27,7 +27,12 @@ from django.utils.html import format_html
 
 from .exceptions import DomainError
 from .formatting import humanize_duration
-from .ingestion.services import integration_create, integration_rotate_token
+from .ingestion.services import (
+    INTEGRATION_EDITABLE,
+    integration_create,
+    integration_rotate_token,
+    integration_update,
+)
 from .markdown import render_markdown
 from .models import Alert, AlertRoute, Integration, IntegrationKind, Runbook, Severity
 from .pagination import EstimatedCountPaginator
@@ -248,9 +253,10 @@ class IntegrationAdmin(admin.ModelAdmin):
         fields the form changed, so it never puts back a token hash, counter or heartbeat
         time that the webhooks or a rotation changed meanwhile."""
         if change:
-            changed = [name for name in form.changed_data if name in IntegrationForm.Meta.fields]
-            if changed:
-                obj.save(update_fields=changed)
+            changed = [name for name in form.changed_data if name in INTEGRATION_EDITABLE]
+            integration_update(
+                integration=obj, changes={name: form.cleaned_data[name] for name in changed}
+            )
             return
         data = dict(form.cleaned_data)
         integration, token = integration_create(

@@ -139,6 +139,44 @@ def integration_rotate_token(*, integration: Integration, now: datetime | None =
     return token
 
 
+# Fields an admin may change on an existing integration; the token has its own service.
+INTEGRATION_EDITABLE = (
+    "name",
+    "is_active",
+    "default_service",
+    "default_severity",
+    "default_team",
+    "severity_label",
+    "severity_map",
+    "grouping_keys",
+    "auto_resolve",
+    "rate_limit",
+    "heartbeat_interval",
+)
+
+
+def integration_update(
+    *, integration: Integration, changes: dict, now: datetime | None = None
+) -> Integration:
+    """Change an integration's settings; writes only the changed fields, so it never puts
+    back counters, token or heartbeat times that requests wrote meanwhile. Changing the
+    heartbeat interval re-bases the next due heartbeat on now (cleared: none is expected)."""
+    unknown = sorted(set(changes) - set(INTEGRATION_EDITABLE))
+    if unknown:
+        raise InvalidInput(unknown[0], "cannot be changed here.")
+    now = now or timezone.now()
+    for name, value in changes.items():
+        setattr(integration, name, value)
+    fields = list(changes)
+    if "heartbeat_interval" in changes:
+        interval = changes["heartbeat_interval"]
+        integration.heartbeat_due_at = now + interval if interval else None
+        fields.append("heartbeat_due_at")
+    if fields:
+        integration.save(update_fields=fields)
+    return integration
+
+
 def throttle_allows(integration: Integration, *, now: datetime | None = None) -> bool:
     """Count one request in this minute's window; False once the integration's limit is
     passed. A cache that cannot be reached lets the request through: refusing alerts
@@ -427,7 +465,10 @@ def _group_incident(
         AlertGroup.objects.filter(pk=group.pk, is_open=True).update(is_open=False)
         break
     first = alerts[0]
-    route = next((r for r in routes if r.matches(first.name, first.labels)), None)
+    # Routes match the alert's name label where it has one (Alertmanager, heartbeats), else
+    # its display name (Events v2 summary, generic title).
+    route_name = first.labels.get("alertname") or first.name
+    route = next((r for r in routes if r.matches(route_name, first.labels)), None)
     severity = _pick_severity(integration, alerts, route, severities)
     service = (route.service if route and route.service_id else None) or (
         integration.default_service
@@ -562,7 +603,7 @@ def heartbeats_check(*, now: datetime | None = None, batch: int = 100) -> int:
     now = now or timezone.now()
     opened = 0
     due: Iterable[Integration] = Integration.objects.filter(
-        is_active=True, heartbeat_due_at__lte=now
+        is_active=True, heartbeat_interval__isnull=False, heartbeat_due_at__lte=now
     ).order_by("heartbeat_due_at", "pk")[:batch]
     for integration in due:
         claimed = Integration.objects.filter(

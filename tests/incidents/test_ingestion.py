@@ -505,3 +505,44 @@ def test_integration_tokens_are_stored_hashed_and_found_by_kind():
     assert integration_by_token(token, kind="generic") is None
     assert integration_by_token(token + "x") is None
     assert integration_by_token("") is None
+
+
+def test_clearing_the_heartbeat_interval_stops_expecting_heartbeats(sev):
+    from incidents.ingestion.services import integration_update
+
+    source, _ = integration(kind="generic", heartbeat_interval=timedelta(minutes=5), now=T0)
+    integration_update(integration=source, changes={"heartbeat_interval": None}, now=T0)
+    source.refresh_from_db()
+    assert source.heartbeat_due_at is None
+    assert heartbeats_check(now=T0 + 60 * MIN) == 0
+    assert Incident.objects.count() == 0
+
+
+def test_setting_a_heartbeat_interval_expects_the_first_beat_from_now(sev):
+    from incidents.ingestion.services import integration_update
+
+    source, _ = integration(kind="generic", now=T0)
+    integration_update(
+        integration=source, changes={"heartbeat_interval": timedelta(minutes=10)}, now=T0
+    )
+    source.refresh_from_db()
+    assert source.heartbeat_due_at == T0 + 10 * MIN
+    assert heartbeats_check(now=T0 + 9 * MIN) == 0
+    assert heartbeats_check(now=T0 + 11 * MIN) == 1
+
+
+def test_integration_update_refuses_fields_it_does_not_own(sev):
+    from incidents.exceptions import InvalidInput
+    from incidents.ingestion.services import integration_update
+
+    source, _ = integration(kind="generic", now=T0)
+    with pytest.raises(InvalidInput, match="token_hash"):
+        integration_update(integration=source, changes={"token_hash": "x" * 64})
+
+
+def test_a_route_for_heartbeat_missed_matches_the_heartbeat_alert(sev):
+    runbook = RunbookFactory(code="RB-HB", title="Source silent")
+    AlertRouteFactory(alert_name="HeartbeatMissed", runbook=runbook)
+    integration(kind="generic", heartbeat_interval=timedelta(minutes=5), now=T0)
+    assert heartbeats_check(now=T0 + 6 * MIN) == 1
+    assert Incident.objects.get().runbook == runbook
