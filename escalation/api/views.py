@@ -1,34 +1,60 @@
-"""Who is on call, and a rotation as an iCalendar feed. Authenticated users only (the
-project's default permission)."""
+"""Who is on call, a rotation as an iCalendar feed, and the read-only teams, rotations and
+escalation policies. Authenticated users only (the project's default permission)."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime, time, timedelta
 
+from django.contrib.auth import get_user_model
+from django.db.models import Prefetch
 from django.http import HttpResponse
 from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from icalendar import Calendar, Event
+from rest_framework import serializers, viewsets
 from rest_framework.exceptions import NotFound
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .. import oncall, selectors
-from ..models import Rotation
+from ..models import EscalationPolicy, EscalationStep, Rotation, StepTarget, Team
 from .serializers import (
     CalendarQuerySerializer,
+    EscalationPolicySerializer,
     OncallQuerySerializer,
     RotationOncallSerializer,
+    RotationSerializer,
+    TeamSerializer,
 )
+
+ERROR = OpenApiResponse(OpenApiTypes.OBJECT, description="Invalid query; names the field.")
 
 CALENDAR_BEFORE = timedelta(weeks=4)
 CALENDAR_AFTER = timedelta(weeks=12)
 UID_DOMAIN = "oncall.incident-tracker"
 
 
+@extend_schema(tags=["on-call"])
 class OncallView(APIView):
     """`GET /api/v1/oncall/?team=<slug>&at=<ISO time>`: each rotation of the team at `at`
     (default now): who is on call, the secondary, and the current stretch."""
 
+    @extend_schema(
+        parameters=[OncallQuerySerializer],
+        responses={
+            200: inline_serializer(
+                "OncallAnswer",
+                {
+                    "team": serializers.CharField(),
+                    "at": serializers.DateTimeField(),
+                    "rotations": RotationOncallSerializer(many=True),
+                },
+            ),
+            400: ERROR,
+        },
+        summary="Who is on call in a team",
+    )
     def get(self, request):
         query = OncallQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -74,6 +100,7 @@ def rotation_calendar(rotation: Rotation, shifts: list[oncall.Shift], *, now: da
     return calendar.to_ical()
 
 
+@extend_schema(tags=["on-call"])
 class RotationCalendarView(APIView):
     """`GET /api/v1/rotations/<id>/calendar.ics[?start=YYYY-MM-DD&end=YYYY-MM-DD]`: one
     event per stretch (overrides as their own events) overlapping the window: by default
@@ -84,6 +111,15 @@ class RotationCalendarView(APIView):
         # Calendar clients ask for text/calendar; errors still answer in JSON, not 406.
         return super().perform_content_negotiation(request, force=True)
 
+    @extend_schema(
+        parameters=[CalendarQuerySerializer],
+        responses={
+            (200, "text/calendar"): OpenApiResponse(OpenApiTypes.BINARY, description="iCalendar"),
+            400: ERROR,
+            404: OpenApiResponse(OpenApiTypes.OBJECT, description="No such rotation."),
+        },
+        summary="A rotation's shifts as an iCalendar feed",
+    )
     def get(self, request, pk: int):
         query = CalendarQuerySerializer(data=request.query_params)
         query.is_valid(raise_exception=True)
@@ -113,3 +149,53 @@ class RotationCalendarView(APIView):
         )
         response["Content-Disposition"] = f'inline; filename="rotation-{rotation.pk}.ics"'
         return response
+
+
+@extend_schema(tags=["on-call"])
+class TeamViewSet(viewsets.ReadOnlyModelViewSet):
+    """Teams by slug, with member usernames and rotation ids."""
+
+    serializer_class = TeamSerializer
+    lookup_field = "slug"
+    lookup_value_regex = r"[-a-zA-Z0-9_]+"
+
+    def get_queryset(self):
+        return Team.objects.prefetch_related(
+            Prefetch("members", queryset=get_user_model().objects.order_by("username")),
+            Prefetch("rotations", queryset=Rotation.objects.order_by("name", "pk")),
+        ).order_by("name")
+
+
+@extend_schema(tags=["on-call"])
+class RotationViewSet(viewsets.ReadOnlyModelViewSet):
+    """Rotations by id, with their participants in order. Who is on call now:
+    `/api/v1/oncall/?team=`; the shifts as a calendar: `.../calendar.ics`."""
+
+    serializer_class = RotationSerializer
+    lookup_value_regex = r"[0-9]{1,18}"
+
+    def get_queryset(self):
+        return (
+            Rotation.objects.select_related("team")
+            .prefetch_related(selectors.members_prefetch())
+            .order_by("team__name", "name", "pk")
+        )
+
+
+@extend_schema(tags=["on-call"])
+class EscalationPolicyViewSet(viewsets.ReadOnlyModelViewSet):
+    """Escalation policies by id, with their steps and each step's targets."""
+
+    serializer_class = EscalationPolicySerializer
+    lookup_value_regex = r"[0-9]{1,18}"
+
+    def get_queryset(self):
+        targets = StepTarget.objects.select_related("person", "team").order_by("pk")
+        steps = (
+            EscalationStep.objects.select_related("calendar")
+            .prefetch_related(Prefetch("targets", queryset=targets))
+            .order_by("position", "pk")
+        )
+        return EscalationPolicy.objects.prefetch_related(
+            Prefetch("steps", queryset=steps)
+        ).order_by("name")
