@@ -644,3 +644,41 @@ def incident_merge(
         _transition_locked(src, to=S.CLOSED, actor=actor, message=message, actor_label="", now=now)
         Incident.objects.filter(pk=dst.pk).update(updated_at=now)
     return dst
+
+
+SEVERITY_EDITABLE = (
+    "name",
+    "description",
+    "examples",
+    "ack_target",
+    "resolve_target",
+    "update_interval",
+    "postmortem_required",
+    "postmortem_due_after",
+    "notify_customers",
+)
+
+
+def severity_update(*, severity: Severity, changes: dict[str, Any], actor: Actor) -> Severity:
+    """Change a severity's targets, cadence or description, validated by the model (each
+    error on a field: Django's ValidationError, a 400 in the API). Incidents already
+    running keep their stored deadlines until their next change re-computes them."""
+    from django.core.exceptions import NON_FIELD_ERRORS
+    from django.core.exceptions import ValidationError as DjangoValidationError
+
+    unknown = sorted(set(changes) - set(SEVERITY_EDITABLE))
+    if unknown:
+        raise InvalidInput(unknown[0], "cannot be changed here.")
+    for name, value in changes.items():
+        setattr(severity, name, value)
+    try:
+        severity.full_clean()
+    except DjangoValidationError as error:
+        errors = error.message_dict
+        # The post-mortem constraint is about the due time: report it there.
+        for message in errors.pop(NON_FIELD_ERRORS, []):
+            errors.setdefault("postmortem_due_after", []).append(message)
+        raise DjangoValidationError(errors) from error
+    if changes:
+        severity.save(update_fields=list(changes))
+    return severity

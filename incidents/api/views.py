@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from django.core.exceptions import NON_FIELD_ERRORS
-from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import transaction
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
@@ -337,26 +335,6 @@ class AlertViewSet(viewsets.ReadOnlyModelViewSet):
 
 
 # The model's constraints that span fields, and the field their error is reported on.
-CONSTRAINT_FIELDS = {
-    str(constraint.violation_error_message): "postmortem_due_after"
-    for constraint in Severity._meta.constraints
-    if constraint.name == "severity_postmortem_due_when_required"
-}
-
-
-def full_clean(severity: Severity) -> None:
-    """The model's own validation; each error is reported on a field (config.api answers
-    400 with `{field: [reasons]}`)."""
-    try:
-        severity.full_clean()
-    except DjangoValidationError as error:
-        errors = error.message_dict
-        for message in errors.pop(NON_FIELD_ERRORS, []):
-            field = CONSTRAINT_FIELDS.get(message, "non_field_errors")
-            errors.setdefault(field, []).append(message)
-        raise DjangoValidationError(errors) from error
-
-
 @extend_schema(tags=["configuration"])
 @extend_schema_view(retrieve=extend_schema(parameters=[LEVEL]))
 class SeverityViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
@@ -380,11 +358,7 @@ class SeverityViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
     def partial_update(self, request, level=None):
         severity = self.get_object()
         data = parse(s.SeverityPatchSerializer, request.data)
-        for name, value in data.items():
-            setattr(severity, name, value)
-        full_clean(severity)
-        if data:
-            severity.save(update_fields=list(data))
+        services.severity_update(severity=severity, changes=data, actor=request.user)
         return Response(self.get_serializer(severity).data)
 
 
