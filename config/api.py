@@ -12,7 +12,7 @@ import logging
 
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
-from django.db import IntegrityError, InterfaceError, OperationalError
+from django.db import DataError, IntegrityError, InterfaceError, OperationalError
 from rest_framework import pagination, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -46,6 +46,7 @@ def _body(detail: str, code: str, field: str | None = None) -> dict:
 def exception_handler(exc, context):
     """DRF's handler, plus: InvalidInput -> 400 naming the field, InvalidTransition -> 409,
     ConcurrentChange -> 409, other domain errors -> 400, Django's ValidationError -> 400,
+    a value the database refuses (DataError) -> 400,
     an integrity conflict -> 409, an unreachable database -> 503 (senders retry)."""
     if isinstance(exc, InvalidInput):
         return Response(_body(str(exc), "invalid", exc.field), status=status.HTTP_400_BAD_REQUEST)
@@ -65,6 +66,14 @@ def exception_handler(exc, context):
         return Response(
             _body(str(exc) or "You may not do this.", "permission_denied"),
             status=status.HTTP_403_FORBIDDEN,
+        )
+    if isinstance(exc, DataError):
+        # A value the database cannot hold (a NUL character, a number out of range) that
+        # slipped past a field's validation: the request is at fault, not the server.
+        logger.info("data error answered with 400: %s", exc)
+        return Response(
+            _body("A value in the request cannot be stored or searched for.", "invalid"),
+            status=status.HTTP_400_BAD_REQUEST,
         )
     if isinstance(exc, IntegrityError):
         logger.info("integrity conflict answered with 409: %s", exc)

@@ -532,12 +532,27 @@ def _post(url: str, payload: dict[str, Any], message: PageMessage) -> None:
         ) from error
     except requests.ConnectionError as error:
         raise DeliveryError(
-            f"could not connect to the webhook: {error}", permanent=False
+            f"could not connect to the webhook: {_scrub(error, url)}", permanent=False
         ) from error
     except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema) as error:
-        raise DeliveryError(f"invalid webhook URL: {error}", permanent=True) from error
+        raise DeliveryError(f"invalid webhook URL: {_scrub(error, url)}", permanent=True) from error
     except requests.RequestException as error:
-        raise DeliveryError(f"the webhook request failed: {error}", permanent=False) from error
+        raise DeliveryError(
+            f"the webhook request failed: {_scrub(error, url)}", permanent=False
+        ) from error
+
+
+_URL_PATH_IN_ERROR = re.compile(r"(url: )\S+")
+
+
+def _scrub(error: Exception, url: str) -> str:
+    """The error text without the webhook's path and query: Slack-style webhooks carry
+    their secret there, and page errors are shown to every user of the API."""
+    parts = urlsplit(url)
+    text = str(error).replace(url, f"{parts.scheme}://{parts.netloc}/...")
+    if parts.path and parts.path != "/":
+        text = text.replace(parts.path, "/...")
+    return _URL_PATH_IN_ERROR.sub(r"\1/...", text)
 
 
 def _check_response(response: requests.Response) -> None:

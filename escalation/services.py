@@ -11,6 +11,7 @@ only with `transaction.on_commit`.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import partial
@@ -19,7 +20,7 @@ from typing import Any
 from django.conf import settings
 from django.core import signing
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Min, Q
 from django.urls import reverse
 from django.utils import timezone
 
@@ -28,6 +29,7 @@ from incidents.services import timeline_record
 
 from .models import (
     ContactMethod,
+    EngineState,
     Page,
     PageAttempt,
     PageStatus,
@@ -858,7 +860,13 @@ def engine_tick(*, now: datetime | None = None, batch: int = BATCH) -> TickRepor
     backup methods, recover stuck sends, queue due deliveries. Idempotent and safe to run
     concurrently. Reads the clock once."""
     now = now or timezone.now()
+    started = time.perf_counter()
     report = TickReport()
+    # How late the most overdue escalation is as the tick starts (the figure /metrics shows).
+    oldest = Incident.objects.filter(
+        status__in=OPEN_STATUSES, next_escalation_at__lte=now
+    ).aggregate(oldest=Min("next_escalation_at"))["oldest"]
+    lag = (now - oldest).total_seconds() if oldest else 0.0
     stages = [
         ("breaches", record_breaches),
         ("pages_created", escalate_due),
@@ -872,7 +880,23 @@ def engine_tick(*, now: datetime | None = None, batch: int = BATCH) -> TickRepor
         except Exception:
             # A failing stage must not keep the others (above all, delivery) from running.
             logger.exception("engine tick stage %s failed", name)
+    _record_tick(now, duration=time.perf_counter() - started, lag=lag)
     return report
+
+
+def _record_tick(now: datetime, *, duration: float, lag: float) -> None:
+    """Count the tick and keep its duration and lag on the one EngineState row (/metrics)."""
+    fields = {"last_tick_at": now, "last_duration_seconds": duration, "last_lag_seconds": lag}
+    try:
+        if not EngineState.objects.filter(pk="engine").update(ticks=F("ticks") + 1, **fields):
+            try:
+                with transaction.atomic():
+                    EngineState.objects.create(name="engine", ticks=1, **fields)
+            except IntegrityError:  # a concurrent first tick created it
+                EngineState.objects.filter(pk="engine").update(ticks=F("ticks") + 1, **fields)
+    except Exception:
+        # Bookkeeping for /metrics must never fail the tick.
+        logger.exception("engine tick state not recorded")
 
 
 # --- on-call awareness -------------------------------------------------------------------------

@@ -579,7 +579,16 @@ def incident_merge(
     if source_pk == target_pk:
         raise InvalidInput("target", "an incident cannot be merged into itself.")
     with transaction.atomic():
-        # Lock both in primary-key order, whichever way round the merge goes.
+        # Ingestion locks an incident's firing alerts before the incident; so does the
+        # merge, or a delivery re-sending the source's alerts and this merge would each
+        # hold what the other waits for.
+        list(
+            Alert.objects.select_for_update()
+            .filter(incident_id=source_pk, status="firing")
+            .order_by("integration_id", "fingerprint")
+            .values_list("pk", flat=True)
+        )
+        # Then both incidents in primary-key order, whichever way round the merge goes.
         locked = {
             i.pk: i
             for i in Incident.objects.select_for_update()

@@ -251,6 +251,16 @@ def parse_alertmanager(data: Any) -> Delivery:
     return Delivery(alerts=alerts, truncated=truncated)
 
 
+# Fingerprints the tracker makes for itself (heartbeats) start with this; senders may not.
+RESERVED_PREFIX = "tracker:"
+
+
+def _reserved_check(value: str, path: str) -> str:
+    if value.startswith(RESERVED_PREFIX):
+        raise PayloadError(path, f'may not start with "{RESERVED_PREFIX}" (reserved).')
+    return value
+
+
 def parse_events_v2(data: Any) -> tuple[str, Delivery]:
     """A PagerDuty Events API v2 event. Returns the routing key and the delivery; a trigger
     without a dedup key gets a new one (returned to the sender in the 202)."""
@@ -261,7 +271,10 @@ def parse_events_v2(data: Any) -> tuple[str, Delivery]:
     action = _string(data, "event_action", "", required=True)
     if action not in EVENTS_V2_ACTIONS:
         raise PayloadError("event_action", f"must be one of {', '.join(EVENTS_V2_ACTIONS)}.")
-    dedup_key = _string(data, "dedup_key", "")
+    dedup_key = _reserved_check(_string(data, "dedup_key", ""), "dedup_key")
+    # The stored copy of the event leaves the routing key out: it is the integration's
+    # secret token, and stored alerts are readable by every user.
+    stored = {key: value for key, value in data.items() if key != "routing_key"}
     for key in ("client", "client_url"):
         _string(data, key, "", limit=MAX_TEXT)
     for key in ("images", "links"):
@@ -275,7 +288,7 @@ def parse_events_v2(data: Any) -> tuple[str, Delivery]:
             status="resolved" if action == "resolve" else "firing",
             name="",
             group_hint=dedup_key,
-            payload=data,
+            payload=stored,
             action=action,
         )
         return routing_key, Delivery(alerts=[alert])
@@ -307,7 +320,7 @@ def parse_events_v2(data: Any) -> tuple[str, Delivery]:
         severity_label=severity,
         labels=labels,
         annotations={"summary": summary},
-        payload=data,
+        payload=stored,
         starts_at=timestamp,
         action="trigger",
     )
@@ -338,7 +351,7 @@ def parse_generic(data: Any) -> Delivery:
         status = _string(item, "status", path) or "firing"
         if status not in ("firing", "resolved"):
             raise PayloadError(_join(path, "status"), 'must be "firing" or "resolved".')
-        alert_id = _string(item, "id", path)
+        alert_id = _reserved_check(_string(item, "id", path), _join(path, "id"))
         title = _string(item, "title", path, required=status == "firing" and not alert_id)
         labels = _string_map(item, "labels", path)
         source = _string(item, "source", path)

@@ -17,16 +17,15 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
 from django.core.cache import cache
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from incidents.exceptions import InvalidInput
+from incidents.exceptions import InvalidInput, InvalidTransition
 from incidents.models import (
     OPEN_STATUSES,
     Alert,
@@ -65,7 +64,9 @@ DEFAULT_SEVERITY_MAP = {
     "info": 4,
     "low": 4,
 }
-HEARTBEAT_FINGERPRINT = "heartbeat"
+# Reserved (senders cannot use the prefix), so a sender's own "heartbeat" alert never
+# collides with the tracker's, and heartbeats never join another group.
+HEARTBEAT_FINGERPRINT = "tracker:heartbeat"
 
 
 def token_hash(token: str) -> str:
@@ -229,7 +230,10 @@ class IngestResult:
 
 def group_key_for(integration: Integration, alert: AlertIn) -> str:
     """The key that puts alerts into one incident: the integration's grouping labels when
-    it names some, else the source's own hint. Long keys are hashed to fit the column."""
+    it names some, else the source's own hint. Long keys are hashed to fit the column.
+    The tracker's own alerts (heartbeats) keep their reserved key."""
+    if alert.fingerprint == HEARTBEAT_FINGERPRINT:
+        return HEARTBEAT_FINGERPRINT
     if integration.grouping_keys:
         values = [alert.labels.get(name, "") for name in integration.grouping_keys]
         key = json.dumps(values, separators=(",", ":"))
@@ -280,9 +284,12 @@ def alerts_ingest(
                         result=partial,
                         now=now,
                     )
-            except IntegrityError:
+            except (IntegrityError, OperationalError) as error:
                 # A concurrent delivery stored the same alert or opened the same group
-                # first; replaying finds what it stored.
+                # first (replaying finds what it stored), or the database broke a lock
+                # cycle with a merge or another delivery (replaying takes the locks anew).
+                if isinstance(error, OperationalError) and not _is_lock_conflict(error):
+                    raise
                 if attempt == RACE_RETRIES - 1:
                     raise
                 logger.info("group %r of %s lost a race; replaying", key, integration.name)
@@ -298,6 +305,11 @@ def alerts_ingest(
         alerts_received=F("alerts_received") + len(delivery.alerts), last_received_at=now
     )
     return result
+
+
+def _is_lock_conflict(error: OperationalError) -> bool:
+    """A deadlock or serialization failure: the transaction can simply run again."""
+    return getattr(error.__cause__, "sqlstate", None) in ("40P01", "40001")
 
 
 def _ingest_group(
@@ -417,9 +429,12 @@ def _ingest_group(
                 + truncated,
             )
     for incident_id in acknowledge:
-        incident = Incident.objects.get(pk=incident_id)
-        if incident.status in OPEN_STATUSES and incident.acknowledged_at is None:
-            incident_acknowledge(incident=incident, actor=None, actor_label=label, now=now)
+        try:
+            # Idempotent for an acknowledged incident; a resolved or closed one (perhaps
+            # resolved a moment ago by someone else) has nothing left to acknowledge.
+            incident_acknowledge(incident=incident_id, actor=None, actor_label=label, now=now)
+        except InvalidTransition:
+            result.ignored += 1
     for incident_id in sorted(touched):
         result.incidents.add(incident_id)
         if integration.auto_resolve:
@@ -578,50 +593,67 @@ def _heartbeat_alert(integration: Integration, status: str) -> AlertIn:
 
 def heartbeat_ping(*, integration: Integration, now: datetime | None = None) -> IngestResult:
     """Record a heartbeat: the next one is due an interval from now. If a missed heartbeat
-    had opened an incident, its alert resolves (and, with auto-resolve, the incident)."""
+    had opened an incident, its alert resolves (and, with auto-resolve, the incident).
+
+    Holds the integration's row lock, as `heartbeats_check` does, so a ping arriving while
+    the check opens an incident waits for it and then resolves it."""
     now = now or timezone.now()
-    if not integration.heartbeat_interval:
-        raise InvalidInput("heartbeat", f"{integration.name} does not expect heartbeats.")
-    Integration.objects.filter(pk=integration.pk).update(
-        last_heartbeat_at=now, heartbeat_due_at=now + integration.heartbeat_interval
-    )
-    if Alert.objects.filter(
-        integration=integration, fingerprint=HEARTBEAT_FINGERPRINT, status=AlertStatus.FIRING
-    ).exists():
-        return alerts_ingest(
-            integration=integration,
-            delivery=Delivery(alerts=[_heartbeat_alert(integration, AlertStatus.RESOLVED)]),
-            now=now,
+    with transaction.atomic():
+        locked = Integration.objects.select_for_update().get(pk=integration.pk)
+        if not locked.heartbeat_interval:
+            raise InvalidInput("heartbeat", f"{locked.name} does not expect heartbeats.")
+        Integration.objects.filter(pk=locked.pk).update(
+            last_heartbeat_at=now, heartbeat_due_at=now + locked.heartbeat_interval
         )
+        if Alert.objects.filter(
+            integration=locked, fingerprint=HEARTBEAT_FINGERPRINT, status=AlertStatus.FIRING
+        ).exists():
+            return alerts_ingest(
+                integration=locked,
+                delivery=Delivery(alerts=[_heartbeat_alert(locked, AlertStatus.RESOLVED)]),
+                now=now,
+            )
     return IngestResult()
 
 
 def heartbeats_check(*, now: datetime | None = None, batch: int = 100) -> int:
     """Open an incident, through the same path as an alert, for each integration whose
-    heartbeat is overdue. Idempotent: the due time is cleared with a compare-and-set (the
-    next ping sets it again), and the alert's fingerprint is unique while firing."""
+    heartbeat is overdue. Idempotent: each integration is claimed under its row lock
+    (skipping one another sweep holds) and its due time cleared in the same transaction
+    (the next ping sets it again). One integration that fails is logged and left due for
+    the next sweep; it does not stop the others."""
     now = now or timezone.now()
     opened = 0
-    due: Iterable[Integration] = Integration.objects.filter(
-        is_active=True, heartbeat_interval__isnull=False, heartbeat_due_at__lte=now
-    ).order_by("heartbeat_due_at", "pk")[:batch]
-    for integration in due:
-        claimed = Integration.objects.filter(
-            pk=integration.pk, heartbeat_due_at=integration.heartbeat_due_at
-        ).update(heartbeat_due_at=None)
-        if not claimed:
-            continue
+    due = list(
+        Integration.objects.filter(
+            is_active=True, heartbeat_interval__isnull=False, heartbeat_due_at__lte=now
+        )
+        .order_by("heartbeat_due_at", "pk")
+        .values_list("pk", flat=True)[:batch]
+    )
+    for pk in due:
         try:
-            alerts_ingest(
-                integration=integration,
-                delivery=Delivery(alerts=[_heartbeat_alert(integration, AlertStatus.FIRING)]),
-                now=now,
-            )
+            with transaction.atomic():
+                locked = (
+                    Integration.objects.select_for_update(skip_locked=True)
+                    .filter(
+                        pk=pk,
+                        is_active=True,
+                        heartbeat_interval__isnull=False,
+                        heartbeat_due_at__lte=now,
+                    )
+                    .first()
+                )
+                if locked is None:
+                    continue
+                Integration.objects.filter(pk=pk).update(heartbeat_due_at=None)
+                alerts_ingest(
+                    integration=locked,
+                    delivery=Delivery(alerts=[_heartbeat_alert(locked, AlertStatus.FIRING)]),
+                    now=now,
+                )
         except Exception:
-            # Put the claim back so the next sweep tries again.
-            Integration.objects.filter(pk=integration.pk, heartbeat_due_at__isnull=True).update(
-                heartbeat_due_at=integration.heartbeat_due_at
-            )
-            raise
+            logger.exception("heartbeat check of integration %s failed; retried next sweep", pk)
+            continue
         opened += 1
     return opened

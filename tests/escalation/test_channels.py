@@ -7,6 +7,7 @@ import socket
 import time
 
 import pytest
+import requests
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
@@ -444,3 +445,17 @@ def test_unknown_contact_kind_is_a_permanent_failure(message):
     with pytest.raises(DeliveryError) as caught:
         send(method("pigeon", "coop"), message)
     assert caught.value.permanent
+
+
+def test_webhook_errors_do_not_carry_the_secret_path():
+    from escalation.channels import _scrub
+
+    url = "https://hooks.example.com/services/T000/B000/SECRETsecret?token=abc"
+    error = requests.ConnectionError(
+        "HTTPSConnectionPool(host='hooks.example.com', port=443): Max retries exceeded with "
+        "url: /services/T000/B000/SECRETsecret?token=abc (Caused by NewConnectionError)"
+    )
+    text = _scrub(error, url)
+    assert "SECRET" not in text
+    assert "token=abc" not in text
+    assert "hooks.example.com" in text

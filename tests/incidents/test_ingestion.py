@@ -12,6 +12,7 @@ from django.conf import settings
 from incidents.ingestion import payloads
 from incidents.ingestion.services import (
     DEFAULT_SEVERITY_MAP,
+    HEARTBEAT_FINGERPRINT,
     NotConfigured,
     alerts_ingest,
     group_key_for,
@@ -436,7 +437,7 @@ def test_a_missed_heartbeat_opens_an_incident_and_a_later_ping_resolves_it(sev):
     assert incident.title == f"Heartbeat missed: {source.name}"
     alert = Alert.objects.get()
     assert (alert.fingerprint, alert.status, alert.incident) == (
-        "heartbeat",
+        HEARTBEAT_FINGERPRINT,
         AlertStatus.FIRING,
         incident,
     )

@@ -286,3 +286,34 @@ def test_an_alert_waiting_on_an_incident_that_is_being_merged_joins_the_target()
     assert Alert.objects.get(fingerprint="s2").incident == target
     assert AlertGroup.objects.get(key="source-group", is_open=True).incident == target
     assert_consistent()
+
+
+def test_a_merge_racing_a_delivery_of_the_source_alerts_never_deadlocks():
+    """A delivery re-sending the source's firing alert (plus a new one) locks that alert's
+    row, then the incident; the merge takes the same locks in the same order, so neither
+    is ever picked as a deadlock victim. Ten rounds, each released by a barrier."""
+    SeverityFactory(level=2)
+    source, _ = integration()
+
+    def deliver(*fingerprints: str, group: str):
+        body = alertmanager_body(*({"fingerprint": f} for f in fingerprints), group_key=group)
+        return alerts_ingest(integration=source, delivery=payloads.parse_alertmanager(body))
+
+    deliver("t0", group="target")
+    target = Alert.objects.get(fingerprint="t0").incident
+    for round_ in range(10):
+        group = f"source-{round_}"
+        deliver(f"s{round_}a", group=group)
+        merged = Alert.objects.get(fingerprint=f"s{round_}a").incident
+        run_together(
+            [
+                lambda g=group, r=round_: deliver(f"s{r}a", f"s{r}b", group=g),
+                lambda m=merged: services.incident_merge(source=m, target=target, actor=None),
+            ]
+        )
+        assert set(
+            Alert.objects.filter(fingerprint__startswith=f"s{round_}").values_list(
+                "incident", flat=True
+            )
+        ) == {target.pk}
+    assert_consistent()

@@ -747,3 +747,37 @@ def test_an_unreachable_database_is_503_with_retry_after(tmp_path):
         assert answer_headers["Retry-After"] == "30"
     finally:
         server.stop()
+
+
+def test_events_v2_routing_key_is_never_stored(client):
+    _, token = integration(kind="events_v2")
+    assert post_json(client, ENQUEUE, trigger(token)).status_code == 202
+    ack = {"routing_key": token, "event_action": "acknowledge", "dedup_key": "disk-full-db1"}
+    assert post_json(client, ENQUEUE, ack).status_code == 202
+    alert = Alert.objects.get()
+    assert "routing_key" not in alert.payload
+    assert token not in json.dumps(alert.payload)
+    assert alert.payload["client"] == "Monitoring"
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "field"),
+    [
+        ("events_v2", {"dedup_key": "tracker:heartbeat"}, "dedup_key"),
+        ("generic", {"id": "tracker:heartbeat", "title": "x"}, "id"),
+    ],
+)
+def test_reserved_fingerprints_are_refused(client, kind, body, field):
+    _, token = integration(kind=kind)
+    if kind == "events_v2":
+        response = post_json(client, ENQUEUE, trigger(token, **body))
+    else:
+        response = post_json(client, generic_url(token), body)
+    assert response.status_code == 400
+    assert response.json()["field"] == field
+    assert Alert.objects.count() == 0
+
+
+def test_a_nul_character_in_a_query_parameter_is_400_not_500(admin_client):
+    response = admin_client.get("/api/v1/oncall/", {"team": "plat\x00form"})
+    assert response.status_code == 400
