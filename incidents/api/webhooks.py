@@ -72,6 +72,10 @@ RESPONSES = {
 class WebhookView(APIView):
     """Shared flow; subclasses say which kind they accept and how to parse."""
 
+    def perform_content_negotiation(self, request, force=False):
+        # Senders drop alerts on a 4xx: an unusual Accept header must not earn a 406.
+        return super().perform_content_negotiation(request, force=True)
+
     authentication_classes: list = []
     permission_classes = [AllowAny]
     kind: str = ""
@@ -248,6 +252,9 @@ class HeartbeatView(APIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
+
+    def perform_content_negotiation(self, request, force=False):
+        return super().perform_content_negotiation(request, force=True)
 
     def _answer(self, error: Refused) -> JsonResponse:
         response = JsonResponse(_error_body(error), status=error.status)

@@ -781,3 +781,12 @@ def test_reserved_fingerprints_are_refused(client, kind, body, field):
 def test_a_nul_character_in_a_query_parameter_is_400_not_500(admin_client):
     response = admin_client.get("/api/v1/oncall/", {"team": "plat\x00form"})
     assert response.status_code == 400
+
+
+def test_an_unusual_accept_header_does_not_refuse_the_alert(client):
+    _, token = integration()
+    response = post_json(
+        client, am_url(token), alertmanager_body({}), HTTP_ACCEPT="application/xml"
+    )
+    assert response.status_code == 200
+    assert Alert.objects.count() == 1
