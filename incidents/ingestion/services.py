@@ -24,6 +24,7 @@ from django.core.cache import cache
 from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.functional import cached_property
 
 from incidents.exceptions import InvalidInput, InvalidTransition
 from incidents.models import (
@@ -37,12 +38,12 @@ from incidents.models import (
     Integration,
     IntegrationKind,
     Severity,
+    TimelineEvent,
 )
 from incidents.services import (
     incident_acknowledge,
     incident_declare,
     incident_resolve,
-    timeline_record,
 )
 
 from .payloads import AlertIn, Delivery
@@ -79,11 +80,8 @@ def integration_by_token(token: str, *, kind: str | None = None) -> Integration 
     if not token or len(token) > 200:
         return None
     digest = token_hash(token)
-    integration = (
-        Integration.objects.select_related("default_service", "default_severity", "default_team")
-        .filter(token_hash=digest, is_active=True)
-        .first()
-    )
+    # No joins: the defaults are read only when an alert opens an incident.
+    integration = Integration.objects.filter(token_hash=digest, is_active=True).first()
     if integration is None or not hmac.compare_digest(integration.token_hash, digest):
         return None
     if kind is not None and integration.kind != kind:
@@ -262,13 +260,7 @@ def alerts_ingest(
     groups: dict[str, list[AlertIn]] = {}
     for alert in delivery.alerts:
         groups.setdefault(group_key_for(integration, alert), []).append(alert)
-    routes = list(
-        AlertRoute.objects.filter(Q(integration__isnull=True) | Q(integration=integration))
-        .filter(is_active=True)
-        .select_related("runbook", "severity", "service", "team")
-        .order_by("position", "pk")
-    )
-    severities = {s.level: s for s in Severity.objects.all()}
+    config = _Config(integration)
     for key in sorted(groups):
         for attempt in range(RACE_RETRIES):
             partial = IngestResult()
@@ -279,8 +271,7 @@ def alerts_ingest(
                         key,
                         groups[key],
                         delivery=delivery,
-                        routes=routes,
-                        severities=severities,
+                        config=config,
                         result=partial,
                         now=now,
                     )
@@ -307,6 +298,27 @@ def alerts_ingest(
     return result
 
 
+class _Config:
+    """Routes and severities, read once per delivery and only if an alert opens an
+    incident: deliveries that only add to open incidents never read them."""
+
+    def __init__(self, integration: Integration) -> None:
+        self.integration = integration
+
+    @cached_property
+    def routes(self) -> list[AlertRoute]:
+        return list(
+            AlertRoute.objects.filter(Q(integration__isnull=True) | Q(integration=self.integration))
+            .filter(is_active=True)
+            .select_related("runbook", "severity", "service", "team")
+            .order_by("position", "pk")
+        )
+
+    @cached_property
+    def severities(self) -> dict[int, Severity]:
+        return {s.level: s for s in Severity.objects.all()}
+
+
 def _is_lock_conflict(error: OperationalError) -> bool:
     """A deadlock or serialization failure: the transaction can simply run again."""
     return getattr(error.__cause__, "sqlstate", None) in ("40P01", "40001")
@@ -318,8 +330,7 @@ def _ingest_group(
     alerts: list[AlertIn],
     *,
     delivery: Delivery,
-    routes: list[AlertRoute],
-    severities: dict[int, Severity],
+    config: _Config,
     result: IngestResult,
     now: datetime,
 ) -> None:
@@ -332,13 +343,18 @@ def _ingest_group(
     fingerprints = sorted(latest)
     firing_rows = {
         row.fingerprint: row
-        for row in Alert.objects.select_for_update()
+        for row in Alert.objects.select_for_update(of=("self",))
         .filter(integration=integration, fingerprint__in=fingerprints, status=AlertStatus.FIRING)
+        .annotate(incident_reference=F("incident__reference"))
+        .only("pk", "fingerprint", "incident_id", "name")
         .order_by("fingerprint")
     }
     new_alerts: list[tuple[str, AlertIn]] = []
     touched: dict[int, None] = {}
     acknowledge: dict[int, None] = {}
+    repeated: list[int] = []
+    events: list[TimelineEvent] = []
+    references: set[str] = set()
     for fingerprint in fingerprints:
         alert = latest[fingerprint]
         row = firing_rows.get(fingerprint)
@@ -347,45 +363,42 @@ def _ingest_group(
                 result.ignored += 1
             else:
                 acknowledge[row.incident_id] = None
-                result.incidents.add(row.incident_id)
+                references.add(row.incident_reference)
         elif alert.status == AlertStatus.RESOLVED:
             if row is None:
                 result.ignored += 1
                 continue
-            Alert.objects.filter(pk=row.pk).update(
-                status=AlertStatus.RESOLVED,
-                resolved_at=now,
-                ends_at=alert.ends_at or now,
-                last_received_at=now,
-                payload=alert.payload or row.payload,
-            )
+            resolved_fields = {
+                "status": AlertStatus.RESOLVED,
+                "resolved_at": now,
+                "ends_at": alert.ends_at or now,
+                "last_received_at": now,
+            }
+            if alert.payload:
+                resolved_fields["payload"] = alert.payload
+            Alert.objects.filter(pk=row.pk).update(**resolved_fields)
             result.resolved += 1
             if row.incident_id:
                 touched[row.incident_id] = None
-                timeline_record(
-                    incident=Incident(pk=row.incident_id),
-                    kind=EventKind.ALERT_RESOLVED,
-                    actor=None,
-                    actor_label=label,
-                    now=now,
-                    value=fingerprint,
-                    message=row.name,
+                references.add(row.incident_reference)
+                events.append(
+                    _event(
+                        row.incident_id, EventKind.ALERT_RESOLVED, label, now, fingerprint, row.name
+                    )
                 )
         elif row is not None:
             # A repeated delivery of an alert that is still firing: count it, nothing more.
-            Alert.objects.filter(pk=row.pk).update(
-                count=F("count") + 1,
-                last_received_at=now,
-                payload=alert.payload or row.payload,
-            )
+            repeated.append(row.pk)
             result.duplicates += 1
             if row.incident_id:
-                result.incidents.add(row.incident_id)
+                references.add(row.incident_reference)
         else:
             new_alerts.append((fingerprint, alert))
+    if repeated:
+        Alert.objects.filter(pk__in=repeated).update(count=F("count") + 1, last_received_at=now)
     if new_alerts:
         incident = _group_incident(
-            integration, key, [a for _, a in new_alerts], routes, severities, result, now
+            integration, key, [a for _, a in new_alerts], config, result, now
         )
         Alert.objects.bulk_create(
             [
@@ -411,23 +424,25 @@ def _ingest_group(
             ]
         )
         result.created += len(new_alerts)
-        result.incidents.add(incident.pk)
+        references.add(incident.reference)
         truncated = (
             f" ({delivery.truncated} more alerts of this group were left out by the sender)"
             if delivery.truncated
             else ""
         )
-        for fingerprint, alert in new_alerts:
-            timeline_record(
-                incident=incident,
-                kind=EventKind.ALERT_FIRED,
-                actor=None,
-                actor_label=label,
-                now=now,
-                value=fingerprint,
-                message=(alert.name + (f": {alert.summary}" if alert.summary else ""))[:2000]
-                + truncated,
+        events.extend(
+            _event(
+                incident.pk,
+                EventKind.ALERT_FIRED,
+                label,
+                now,
+                fingerprint,
+                (alert.name + (f": {alert.summary}" if alert.summary else ""))[:2000] + truncated,
             )
+            for fingerprint, alert in new_alerts
+        )
+    if events:
+        TimelineEvent.objects.bulk_create(events)
     for incident_id in acknowledge:
         try:
             # Idempotent for an acknowledged incident; a resolved or closed one (perhaps
@@ -436,23 +451,31 @@ def _ingest_group(
         except InvalidTransition:
             result.ignored += 1
     for incident_id in sorted(touched):
-        result.incidents.add(incident_id)
         if integration.auto_resolve:
             _resolve_if_quiet(incident_id, label=label, now=now)
-    result.incidents = {
-        ref
-        for ref in Incident.objects.filter(pk__in=result.incidents).values_list(
-            "reference", flat=True
-        )
-    }
+    references.discard(None)
+    result.incidents |= references
+
+
+def _event(
+    incident_id: int, kind: str, label: str, now: datetime, value: str, message: str
+) -> TimelineEvent:
+    return TimelineEvent(
+        incident_id=incident_id,
+        at=now,
+        kind=kind,
+        actor=None,
+        actor_label=label[:150],
+        value=value,
+        message=message,
+    )
 
 
 def _group_incident(
     integration: Integration,
     key: str,
     alerts: list[AlertIn],
-    routes: list[AlertRoute],
-    severities: dict[int, Severity],
+    config: _Config,
     result: IngestResult,
     now: datetime,
 ) -> Incident:
@@ -470,7 +493,11 @@ def _group_incident(
         )
         if group is None:
             break
-        incident = Incident.objects.select_for_update().get(pk=group.incident_id)
+        incident = (
+            Incident.objects.select_for_update()
+            .only("pk", "reference", "status")
+            .get(pk=group.incident_id)
+        )
         if not AlertGroup.objects.filter(
             pk=group.pk, incident_id=incident.pk, is_open=True
         ).exists():
@@ -483,8 +510,8 @@ def _group_incident(
     # Routes match the alert's name label where it has one (Alertmanager, heartbeats), else
     # its display name (Events v2 summary, generic title).
     route_name = first.labels.get("alertname") or first.name
-    route = next((r for r in routes if r.matches(route_name, first.labels)), None)
-    severity = _pick_severity(integration, alerts, route, severities)
+    route = next((r for r in config.routes if r.matches(route_name, first.labels)), None)
+    severity = _pick_severity(integration, alerts, route, config.severities)
     service = (route.service if route and route.service_id else None) or (
         integration.default_service
     )

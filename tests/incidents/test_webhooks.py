@@ -790,3 +790,23 @@ def test_an_unusual_accept_header_does_not_refuse_the_alert(client):
     )
     assert response.status_code == 200
     assert Alert.objects.count() == 1
+
+
+def _five(start: int) -> dict:
+    return alertmanager_body(*({"fingerprint": f"q{start + n}"} for n in range(5)))
+
+
+@pytest.mark.parametrize("existing", [5, 200])
+def test_a_delivery_to_an_open_incident_costs_the_same_queries_at_any_size(
+    client, django_assert_max_num_queries, existing
+):
+    _, token = integration()
+    for start in range(0, existing, 5):
+        assert post_json(client, am_url(token), _five(1000 + start)).status_code == 200
+    # New alerts: token, firing rows, group, incident lock, group re-check, alerts, timeline,
+    # counter, and the group transaction's begin and commit. Repeats: token, firing rows,
+    # one count update, counter, begin, commit.
+    with django_assert_max_num_queries(10):
+        assert post_json(client, am_url(token), _five(0)).status_code == 200  # 5 new alerts
+    with django_assert_max_num_queries(6):
+        assert post_json(client, am_url(token), _five(0)).status_code == 200  # 5 repeats
