@@ -29,6 +29,7 @@ demo: migrate
 # Embedded defaults (SQLite, filesystem broker) unless DATABASE_URL / REDIS_URL are set.
 run: export DJANGO_DEBUG ?= true
 run: export WEB_PORT := $(WEB_PORT)
+run: export SITE_URL ?= http://127.0.0.1:$(WEB_PORT)
 run: migrate
 	$(BIN)/python manage.py load_demo --admin-url http://127.0.0.1:$(WEB_PORT)/admin/
 	@echo "  Web, Celery worker and Celery beat run below; Ctrl-C stops all three."
