@@ -345,6 +345,7 @@ class Sustained:
     noop: list[Block]
     webhook: Block
     store: Block
+    intake: Block
     alerts_stored: int
     alerts_received: int
     duplicates: int
@@ -368,6 +369,11 @@ class Sustained:
     def store_ratio(self) -> float:
         """The floor of a durable webhook (one SELECT, one INSERT) / the no-op."""
         return self.store.per_second / self.noop_per_second
+
+    @property
+    def intake_ratio(self) -> float:
+        """The premise of an asynchronous intake (one raw INSERT) / the no-op."""
+        return self.intake.per_second / self.noop_per_second
 
     @property
     def passed(self) -> bool:
@@ -435,6 +441,7 @@ def run_sustained(
     webhook_url = server.url(f"/api/v1/integrations/{token}/{WEBHOOK}/")
     noop_url = server.url("/bench/noop")
     store_url = server.url(f"/bench/store/{token}/")
+    intake_url = server.url(f"/bench/intake/{token}/")
 
     def block(url: str, tag: str, length: float, endpoint: str) -> Block:
         return _wrk(
@@ -453,15 +460,20 @@ def run_sustained(
     block(webhook_url, "warm", warmup, "webhook")
     block(noop_url, "warm-noop", warmup, "no-op")
     block(store_url, "warm-store", warmup / 2, "store")
+    block(intake_url, "warm-intake", warmup / 2, "intake")
     integration = Integration.objects.get(name="bench sustained")
     before = (integration.alerts_received, Alert.objects.count(), Incident.objects.count())
     half = seconds / 2
-    print(f"  timing: no-op {half:g} s, webhook {seconds:g} s, store {half:g} s, no-op {half:g} s")
+    print(
+        f"  timing: no-op {half:g} s, webhook {seconds:g} s, store {half:g} s, "
+        f"intake {half:g} s, no-op {half:g} s"
+    )
     noop_first = block(noop_url, "noop-1", half, "no-op")
     webhook = block(webhook_url, "run", seconds, "webhook")
     integration.refresh_from_db()
     stored = Alert.objects.count() - before[1]
     store = block(store_url, "store", half, "store")
+    intake = block(intake_url, "intake", half, "intake")
     noop_last = block(noop_url, "noop-2", half, "no-op")
     received = integration.alerts_received - before[0]
     timed = Alert.objects.filter(integration=integration, fingerprint__startswith="run-")
@@ -476,6 +488,7 @@ def run_sustained(
         noop=[noop_first, noop_last],
         webhook=webhook,
         store=store,
+        intake=intake,
         alerts_stored=stored,
         alerts_received=received,
         duplicates=duplicates,
@@ -724,6 +737,8 @@ class IngestResult:
             f"p50 {w.p50_ms:.1f} / p95 {w.p95_ms:.1f} / p99 {w.p99_ms:.1f} ms, "
             f"{w.error_count} errors; no-op {s.noop_per_second:,.0f} req/s; ratio "
             f"{s.ratio:.2f} (target >= {RATIO_TARGET}): " + ("PASS" if s.passed else "FAIL"),
+            f"references: store (ORM, one transaction) {s.store_ratio:.2f}, raw intake "
+            f"{s.intake_ratio:.2f} of the no-op",
             f"storm: {storm.alerts:,} alerts in {storm.seconds:.1f} s "
             f"({storm.alerts_per_second:,.0f} alerts/s), {storm.open_incidents} open incidents "
             f"(target {storm.groups}), statuses {storm.statuses}: "
@@ -755,7 +770,8 @@ def _sustained_markdown(s: Sustained) -> str:
         "a delivery before it answers: one indexed read of the integration by its token's "
         "hash, the JSON parsed, the body stored as one row in one transaction, 202. After a "
         f"warm-up of each, the blocks run no-op {s.seconds / 2:g} s, webhook {s.seconds:g} s, "
-        f"store {s.seconds / 2:g} s, no-op {s.seconds / 2:g} s; the baseline is the mean of "
+        f"store {s.seconds / 2:g} s, intake {s.seconds / 2:g} s, no-op {s.seconds / 2:g} s; "
+        "the baseline is the mean of "
         "the two no-op blocks. "
         "Latencies are wrk's (from its histogram); CPU is read from /proc for the gunicorn "
         "processes and the PostgreSQL backends serving them, per request.",
@@ -764,7 +780,7 @@ def _sustained_markdown(s: Sustained) -> str:
         "| gunicorn CPU / req | PostgreSQL CPU / req |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for block in (s.noop[0], w, s.store, s.noop[1]):
+    for block in (s.noop[0], w, s.store, s.intake, s.noop[1]):
         alerts = (
             f"{block.per_second * ALERTS_PER_REQUEST:,.0f}" if block.endpoint == "webhook" else ""
         )
@@ -784,7 +800,10 @@ def _sustained_markdown(s: Sustained) -> str:
         "",
         f"For reference, the durable-write floor: store req/s / no-op req/s = "
         f"{s.store_ratio:.2f} ({s.store.per_second:,.1f} / {s.noop_per_second:,.1f}); webhook "
-        f"/ store = {w.per_second / s.store.per_second:.2f}.",
+        f"/ store = {w.per_second / s.store.per_second:.2f}. The premise of an asynchronous "
+        f"intake (`POST /bench/intake/<token>/`: the token's integration kept per process, "
+        f"the JSON parsed, one raw autocommitted INSERT, 202): intake req/s / no-op req/s = "
+        f"{s.intake_ratio:.2f} ({s.intake.per_second:,.1f} / {s.noop_per_second:,.1f}).",
         "",
         f"Checked in the database after the webhook block: {s.alerts_received:,} alerts "
         f"received by the integration during the timed blocks ({w.requests:,} answered "
