@@ -94,20 +94,8 @@ def _token_response(request, admin_site, opts, rows, title: str) -> TemplateResp
 class IntegrationForm(forms.ModelForm):
     class Meta:
         model = Integration
-        fields = [
-            "name",
-            "kind",
-            "is_active",
-            "default_service",
-            "default_severity",
-            "default_team",
-            "severity_label",
-            "severity_map",
-            "grouping_keys",
-            "auto_resolve",
-            "rate_limit",
-            "heartbeat_interval",
-        ]
+        # What the integration_update service may change, and the kind when adding.
+        fields = ["name", "kind", *INTEGRATION_EDITABLE[1:]]
 
     def clean_severity_map(self):
         value = self.cleaned_data.get("severity_map")
@@ -210,17 +198,7 @@ class IntegrationAdmin(admin.ModelAdmin):
         return text
 
     def get_fieldsets(self, request, obj=None):
-        config = [
-            "default_service",
-            "default_severity",
-            "default_team",
-            "severity_label",
-            "severity_map",
-            "grouping_keys",
-            "auto_resolve",
-            "rate_limit",
-            "heartbeat_interval",
-        ]
+        config = [f for f in INTEGRATION_EDITABLE if f not in ("name", "is_active")]
         if obj is None:
             return [(None, {"fields": ["name", "kind", "is_active", *config]})]
         return [
