@@ -77,9 +77,9 @@ def _user(actor: Actor):
     return actor if actor is not None and actor.is_authenticated else None
 
 
-def timeline_record(
+def timeline_event(
     *,
-    incident: Incident,
+    incident: Incident | int,
     kind: str,
     actor: Actor,
     now: datetime,
@@ -88,12 +88,12 @@ def timeline_record(
     message: str = "",
     actor_label: str = "",
 ) -> TimelineEvent:
-    """Append one event to an incident's timeline. Call inside the writing transaction."""
+    """An unsaved timeline event, for callers that insert many at once (`bulk_create`)."""
     user = _user(actor)
     if not actor_label:
         actor_label = user.get_username() if user is not None else "system"
-    return TimelineEvent.objects.create(
-        incident=incident,
+    return TimelineEvent(
+        incident_id=incident.pk if isinstance(incident, Incident) else incident,
         at=now,
         kind=kind,
         actor=user,
@@ -102,6 +102,21 @@ def timeline_record(
         value=str(value),
         message=message,
     )
+
+
+def timeline_record(**fields) -> TimelineEvent:
+    """Append one event to an incident's timeline (the arguments of `timeline_event`).
+    Call inside the writing transaction."""
+    event = timeline_event(**fields)
+    event.save()
+    return event
+
+
+def refuse_unknown_fields(changes: dict[str, Any], allowed: Iterable[str]) -> None:
+    """InvalidInput naming the first field of `changes` that is not in `allowed`."""
+    unknown = sorted(set(changes) - set(allowed))
+    if unknown:
+        raise InvalidInput(unknown[0], "cannot be changed here.")
 
 
 def _clean_text(field: str, value: str, *, required: bool, max_length: int) -> str:
@@ -495,9 +510,7 @@ def incident_update(
 ) -> Incident:
     """Change descriptive fields (EDITABLE_FIELDS). Records one `edited` event per field
     whose value really changed; unchanged values and an empty `changes` are no-ops."""
-    unknown = sorted(set(changes) - set(EDITABLE_FIELDS))
-    if unknown:
-        raise InvalidInput(unknown[0], "cannot be changed here.")
+    refuse_unknown_fields(changes, EDITABLE_FIELDS)
     now = now or timezone.now()
     if "title" in changes:
         changes["title"] = _clean_text("title", changes["title"], required=True, max_length=200)
@@ -675,9 +688,7 @@ def severity_update(*, severity: Severity, changes: dict[str, Any], actor: Actor
     from django.core.exceptions import NON_FIELD_ERRORS
     from django.core.exceptions import ValidationError as DjangoValidationError
 
-    unknown = sorted(set(changes) - set(SEVERITY_EDITABLE))
-    if unknown:
-        raise InvalidInput(unknown[0], "cannot be changed here.")
+    refuse_unknown_fields(changes, SEVERITY_EDITABLE)
     for name, value in changes.items():
         setattr(severity, name, value)
     try:

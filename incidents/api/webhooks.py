@@ -78,14 +78,17 @@ class WebhookView(APIView):
 
     authentication_classes: list = []
     permission_classes = [AllowAny]
-    kind: str = ""
+    kind: str | None = ""
     success_status = 200
 
     def parse(self, data) -> payloads.Delivery:
         raise NotImplementedError
 
+    def error_body(self, error: Refused) -> dict:
+        return _error_body(error)
+
     def error_response(self, error: Refused) -> JsonResponse:
-        response = JsonResponse(_error_body(error), status=error.status)
+        response = JsonResponse(self.error_body(error), status=error.status)
         if error.status in (429, 503):
             response["Retry-After"] = "60" if error.status == 429 else "30"
         return response
@@ -218,16 +221,13 @@ class EventsV2Enqueue(WebhookView):
         self.dedup_key = delivery.alerts[0].fingerprint
         return delivery
 
-    def error_response(self, error: Refused) -> JsonResponse:
+    def error_body(self, error: Refused) -> dict:
         status = "invalid event" if error.status == 400 else error.code
         message = "Event object is invalid" if error.status == 400 else error.detail
         body = {"status": status, "message": message, "errors": [error.detail]}
         if error.field:
             body["field"] = error.field
-        response = JsonResponse(body, status=error.status)
-        if error.status in (429, 503):
-            response["Retry-After"] = "60" if error.status == 429 else "30"
-        return response
+        return body
 
     def success_response(self, result, token_key):
         return JsonResponse(
@@ -245,51 +245,27 @@ class EventsV2Enqueue(WebhookView):
         return super().post(request, token)
 
 
-class HeartbeatView(APIView):
+class HeartbeatView(WebhookView):
     """`POST` (or `GET`, for the simplest cron jobs) `/api/v1/integrations/<token>/heartbeat/`.
 
     Any kind of integration may send heartbeats, when it has a heartbeat interval."""
 
-    authentication_classes: list = []
-    permission_classes = [AllowAny]
+    kind = None  # any kind
 
-    def perform_content_negotiation(self, request, force=False):
-        return super().perform_content_negotiation(request, force=True)
-
-    def _answer(self, error: Refused) -> JsonResponse:
-        response = JsonResponse(_error_body(error), status=error.status)
-        if error.status in (429, 503):
-            response["Retry-After"] = "60" if error.status == 429 else "30"
-        return response
-
-    @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, **RESPONSES}, auth=[])
-    def post(self, request, token: str = ""):
+    def handle(self, request, token: str) -> services.IngestResult:
         token = token or _bearer(request)
-        try:
-            integration = services.integration_by_token(token)
-            if integration is None:
-                return self._answer(Refused(404, "Unknown integration key.", "unknown_key"))
-            if not services.throttle_allows(integration):
-                services.count_rejected(integration)
-                return self._answer(
-                    Refused(
-                        429,
-                        f"More than {integration.rate_limit} requests this minute.",
-                        "throttled",
-                    )
-                )
-            result = services.heartbeat_ping(integration=integration)
-        except InvalidInput as error:
-            return self._answer(Refused(400, str(error), "invalid", error.field))
-        except (OperationalError, InterfaceError, IntegrityError):
-            logger.warning("heartbeat not stored: database unavailable", exc_info=True)
-            return self._answer(
-                Refused(503, "Not stored: the database cannot be reached; retry.", "unavailable")
-            )
-        except services.NotConfigured as error:
-            return self._answer(Refused(503, f"Not stored: {error}", "not_configured"))
+        if not token:
+            # No body to carry a token: an absent one is as unknown as a wrong one.
+            raise Refused(404, "Unknown integration key.", "unknown_key")
+        return services.heartbeat_ping(integration=self.authenticate(token))
+
+    def success_response(self, result: services.IngestResult, token_key: str) -> JsonResponse:
         return JsonResponse({"status": "ok", **result.as_dict()})
 
     @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, **RESPONSES}, auth=[])
+    def post(self, request, token: str = ""):
+        return super().post(request, token)
+
+    @extend_schema(request=None, responses={200: OpenApiTypes.OBJECT, **RESPONSES}, auth=[])
     def get(self, request, token: str = ""):
-        return self.post(request, token)
+        return super().post(request, token)

@@ -44,6 +44,8 @@ from incidents.services import (
     incident_acknowledge,
     incident_declare,
     incident_resolve,
+    refuse_unknown_fields,
+    timeline_event,
 )
 
 from .payloads import AlertIn, Delivery
@@ -160,9 +162,7 @@ def integration_update(
     """Change an integration's settings; writes only the changed fields, so it never puts
     back counters, token or heartbeat times that requests wrote meanwhile. Changing the
     heartbeat interval re-bases the next due heartbeat on now (cleared: none is expected)."""
-    unknown = sorted(set(changes) - set(INTEGRATION_EDITABLE))
-    if unknown:
-        raise InvalidInput(unknown[0], "cannot be changed here.")
+    refuse_unknown_fields(changes, INTEGRATION_EDITABLE)
     now = now or timezone.now()
     for name, value in changes.items():
         setattr(integration, name, value)
@@ -382,8 +382,14 @@ def _ingest_group(
                 touched[row.incident_id] = None
                 references.add(row.incident_reference)
                 events.append(
-                    _event(
-                        row.incident_id, EventKind.ALERT_RESOLVED, label, now, fingerprint, row.name
+                    timeline_event(
+                        incident=row.incident_id,
+                        kind=EventKind.ALERT_RESOLVED,
+                        actor=None,
+                        actor_label=label,
+                        now=now,
+                        value=fingerprint,
+                        message=row.name,
                     )
                 )
         elif row is not None:
@@ -431,13 +437,15 @@ def _ingest_group(
             else ""
         )
         events.extend(
-            _event(
-                incident.pk,
-                EventKind.ALERT_FIRED,
-                label,
-                now,
-                fingerprint,
-                (alert.name + (f": {alert.summary}" if alert.summary else ""))[:2000] + truncated,
+            timeline_event(
+                incident=incident,
+                kind=EventKind.ALERT_FIRED,
+                actor=None,
+                actor_label=label,
+                now=now,
+                value=fingerprint,
+                message=(alert.name + (f": {alert.summary}" if alert.summary else ""))[:2000]
+                + truncated,
             )
             for fingerprint, alert in new_alerts
         )
@@ -455,20 +463,6 @@ def _ingest_group(
             _resolve_if_quiet(incident_id, label=label, now=now)
     references.discard(None)
     result.incidents |= references
-
-
-def _event(
-    incident_id: int, kind: str, label: str, now: datetime, value: str, message: str
-) -> TimelineEvent:
-    return TimelineEvent(
-        incident_id=incident_id,
-        at=now,
-        kind=kind,
-        actor=None,
-        actor_label=label[:150],
-        value=value,
-        message=message,
-    )
 
 
 def _group_incident(
