@@ -83,6 +83,8 @@ ALERTS_MANAGE = [
     "add_alertroute",
     "change_alertroute",
     "delete_alertroute",
+    "view_alertdelivery",
+    "change_alertdelivery",
 ]
 
 GROUPS: dict[str, dict[str, list[str]]] = {

@@ -168,6 +168,62 @@ class Alert(models.Model):
         return self.name or self.fingerprint
 
 
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    DONE = "done", "Applied"
+    FAILED = "failed", "Failed"
+
+
+class AlertDelivery(models.Model):
+    """One accepted webhook request, stored as received before the answer, applied by a
+    worker (`incidents.apply_alert_deliveries`).
+
+    The webhook validates the body, stores it here with one INSERT and answers 2xx: the
+    sender's retry loop ends only once the body is durable. The worker applies the
+    deliveries of each integration in the order they arrived (deduplication, grouping,
+    incidents) and marks them done; one it cannot apply yet (the database or the
+    configuration is not ready) stays pending with its error and is tried again, and one
+    that can never apply is marked failed, visible in the admin, never dropped.
+    """
+
+    integration = models.ForeignKey(
+        Integration, on_delete=models.PROTECT, related_name="deliveries"
+    )
+    received_at = models.DateTimeField(default=timezone.now)
+    # The request body as received (JSON text); an Events v2 event without its routing key
+    # (the integration's secret) and with the dedup key it was answered with.
+    body = models.TextField()
+    status = models.CharField(
+        max_length=10, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING
+    )
+    attempts = models.PositiveSmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    applied_at = models.DateTimeField(null=True, blank=True)
+    alerts = models.PositiveIntegerField(default=0, help_text="Alerts in the body.")
+    incidents = models.JSONField(default=list, blank=True, help_text="References touched.")
+
+    class Meta:
+        verbose_name_plural = "alert deliveries"
+        ordering = ["-pk"]
+        indexes = [
+            # The worker's queue: pending deliveries of an integration, oldest first. Small:
+            # applied rows leave it.
+            models.Index(
+                fields=["integration", "id"],
+                condition=Q(status="pending"),
+                name="alertdelivery_pending",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(status__in=DeliveryStatus.values), name="alertdelivery_status_valid"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"delivery {self.pk} ({self.get_status_display().lower()})"
+
+
 class AlertGroup(models.Model):
     """Alerts of one integration that share a grouping key go to one open incident.
 
