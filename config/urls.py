@@ -12,5 +12,7 @@ urlpatterns = [
     path("api/v1/", include("config.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("status/", include("incidents.comms.status_urls")),
+    path("status/", include("incidents.comms.subscribe_urls")),
     path("", include("escalation.urls")),
 ]

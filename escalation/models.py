@@ -31,6 +31,14 @@ class Team(models.Model):
     members = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="teams")
     # Where the weekly on-call summary goes (an email address); empty: to each member.
     summary_email = models.EmailField(blank=True)
+    # Internal status updates go to this Slack-compatible incoming webhook, when set, for
+    # the incident's channel, named from the pattern: {year}, {month}, {day}, {date}
+    # (YYYY-MM-DD), {number} (the incident's), {seq} (its place among the team's incidents
+    # of that day), with format specs: "#incident-{date}-{seq:03d}".
+    chat_webhook_url = models.URLField(blank=True)
+    chat_channel_pattern = models.CharField(
+        max_length=80, blank=True, default="#incident-{date}-{seq:03d}"
+    )
 
     class Meta:
         ordering = ["name"]

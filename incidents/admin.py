@@ -24,7 +24,14 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html_join
 
-from . import admin_alerts, services  # noqa: F401 - admin_alerts registers its admins
+# The admin_* modules register their own admins when imported.
+from . import (  # noqa: F401
+    admin_alerts,
+    admin_maintenance,
+    admin_notices,
+    admin_updates,
+    services,
+)
 from .deadlines import target_states
 from .exceptions import DomainError
 from .formatting import humanize_duration, severity_badge, status_badge, target_badge

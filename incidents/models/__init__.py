@@ -1,4 +1,5 @@
-"""The incident models: the core (`core`) and alert ingestion (`alerts`).
+"""The incident models: the core (`core`), alert ingestion (`alerts`) and communications
+(`comms`).
 
 Writes happen only in the services modules; these modules hold fields, constraints, the
 legal-transition table and tiny predicates.
@@ -14,6 +15,18 @@ from .alerts import (
     Integration,
     IntegrationKind,
     Runbook,
+)
+from .comms import (
+    CustomerNotice,
+    DeliveryState,
+    MaintenanceWindow,
+    MessageTemplate,
+    NoticeDelivery,
+    NoticeStatus,
+    PublicStage,
+    StatusUpdate,
+    Subscriber,
+    TemplateKind,
 )
 from .core import (
     OPEN_STATUSES,
@@ -34,6 +47,16 @@ from .core import (
 )
 
 __all__ = [
+    "TemplateKind",
+    "Subscriber",
+    "StatusUpdate",
+    "PublicStage",
+    "NoticeStatus",
+    "NoticeDelivery",
+    "MessageTemplate",
+    "MaintenanceWindow",
+    "DeliveryState",
+    "CustomerNotice",
     "OPEN_STATUSES",
     "POSITIVE_DURATION",
     "STATUS_TIMESTAMP",

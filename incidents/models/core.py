@@ -239,6 +239,12 @@ class Incident(models.Model):
     ack_breached_at = models.DateTimeField(null=True, blank=True, editable=False)
     resolve_breached_at = models.DateTimeField(null=True, blank=True, editable=False)
     update_breached_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # A public incident (one on a public service) owes its first public update within
+    # PUBLIC_UPDATE_DUE after declaration; cleared when it is posted.
+    public_update_due_at = models.DateTimeField(null=True, blank=True, editable=False)
+    public_update_breached_at = models.DateTimeField(null=True, blank=True, editable=False)
+    # The chat channel named for this incident from its team's pattern (#incident-2026-001).
+    chat_channel = models.CharField(max_length=80, blank=True, editable=False)
 
     class Meta:
         ordering = ["-number"]
@@ -272,6 +278,11 @@ class Incident(models.Model):
                 fields=["next_update_due_at"],
                 name="incident_update_breach_due",
                 condition=Q(update_breached_at__isnull=True),
+            ),
+            models.Index(
+                fields=["public_update_due_at"],
+                name="incident_public_update_due",
+                condition=Q(public_update_breached_at__isnull=True),
             ),
         ]
         constraints = [
@@ -365,6 +376,10 @@ class EventKind(models.TextChoices):
     ALERT_FIRED = "alert_fired", "Alert fired"
     ALERT_RESOLVED = "alert_resolved", "Alert resolved"
     MERGED = "merged", "Merged"
+    STATUS_UPDATE = "status_update", "Status update"
+    UPDATE_REMINDER = "update_reminder", "Update reminder"
+    CUSTOMER_NOTICE = "customer_notice", "Customer notice"
+    PAGING_SILENCED = "paging_silenced", "Paging silenced"
 
 
 class TimelineEventQuerySet(models.QuerySet):

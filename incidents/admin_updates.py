@@ -1,0 +1,1 @@
+"""Admin for communications (issue 6)."""

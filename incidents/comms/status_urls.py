@@ -1,0 +1,3 @@
+"""Public (no login) pages; included from config/urls.py."""
+
+urlpatterns: list = []
