@@ -45,6 +45,8 @@ ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],test
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 # Absolute base URL used in links that leave the site (emails, pages).
 SITE_URL = os.environ.get("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
+# The name customers see on the status page and in notices.
+SITE_NAME = os.environ.get("SITE_NAME", "Service status")
 
 INSTALLED_APPS = [
     "config.apps.TrackerAdminConfig",
