@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 from django.conf import settings
 from django.db import DatabaseError
-from django.db.models import Count, Q
+from django.db.models import Count, Min, Q
 from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
@@ -161,6 +161,33 @@ class TrackerCollector(Collector):
         yield received
         yield rejected
         yield firing
+        yield from self._deliveries()
+
+    def _deliveries(self) -> Iterator:
+        from incidents.models import AlertDelivery, DeliveryStatus
+
+        waiting = GaugeMetricFamily(
+            f"{PREFIX}_alert_deliveries_pending",
+            "Accepted alert deliveries the worker has not applied yet.",
+        )
+        oldest = GaugeMetricFamily(
+            f"{PREFIX}_alert_deliveries_oldest_pending_seconds",
+            "Age of the oldest delivery waiting to be applied (0 when none waits): alerts "
+            "reach incidents this late.",
+        )
+        failed = GaugeMetricFamily(
+            f"{PREFIX}_alert_deliveries_failed",
+            "Accepted alert deliveries that could not be applied (see the admin).",
+        )
+        pending = AlertDelivery.objects.filter(status=DeliveryStatus.PENDING)
+        stats = pending.aggregate(total=Count("pk"), first=Min("received_at"))
+        waiting.add_metric([], stats["total"])
+        age = (timezone.now() - stats["first"]).total_seconds() if stats["first"] else 0.0
+        oldest.add_metric([], max(age, 0.0))
+        failed.add_metric([], AlertDelivery.objects.filter(status=DeliveryStatus.FAILED).count())
+        yield waiting
+        yield oldest
+        yield failed
 
     def _pages(self, page_model, page_status) -> Iterator:
         sent = CounterMetricFamily(

@@ -5,6 +5,7 @@ Set DATABASE_URL (PostgreSQL) and REDIS_URL or CELERY_BROKER_URL (Redis) in prod
 """
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -47,6 +48,12 @@ CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 SITE_URL = os.environ.get("SITE_URL", "http://127.0.0.1:8000").rstrip("/")
 # The name customers see on the status page and in notices.
 SITE_NAME = os.environ.get("SITE_NAME", "Service status")
+# Seconds browsers, proxies and the server-side cache may keep /status/ and its Atom feed
+# (docs/status-page.md): long enough to absorb a crowd refreshing during an outage, short
+# enough that customers see a new update within a minute.
+STATUS_PAGE_MAX_AGE = int(os.environ.get("STATUS_PAGE_MAX_AGE", "60"))
+if STATUS_PAGE_MAX_AGE < 1:
+    raise ImproperlyConfigured("STATUS_PAGE_MAX_AGE must be at least 1 second")
 
 INSTALLED_APPS = [
     "config.apps.TrackerAdminConfig",
@@ -142,6 +149,8 @@ DEFAULT_FROM_EMAIL = os.environ.get("DEFAULT_FROM_EMAIL", "incidents@localhost")
 
 # How often the heartbeat sweep runs; a missed heartbeat is noticed within this.
 HEARTBEAT_CHECK_SECONDS = float(os.environ.get("HEARTBEAT_CHECK_SECONDS", "30"))
+# How often a worker applies accepted alert deliveries (see incidents/ingestion/intake.py).
+ALERT_APPLY_SECONDS = float(os.environ.get("ALERT_APPLY_SECONDS", "1"))
 
 # --- Escalation engine ---------------------------------------------------------------------
 # The engine tick: how often beat asks the database what is due. Short, because lateness of a
@@ -158,6 +167,15 @@ WEBHOOK_ALLOW_PRIVATE = env_bool("WEBHOOK_ALLOW_PRIVATE", False)
 PAGE_SENDING_STUCK_AFTER = float(os.environ.get("PAGE_SENDING_STUCK_AFTER", "180"))
 # How long an acknowledgement link in a page stays valid.
 ACK_LINK_MAX_AGE = int(os.environ.get("ACK_LINK_MAX_AGE", str(7 * 24 * 3600)))
+
+# --- Status updates (docs/status-updates.md) ------------------------------------------------
+# A public incident (on a public service, not a drill) owes its first public update within
+# this many minutes of becoming public; an overdue one is recorded as a breach by the engine
+# tick, like the severity targets. 15 minutes is the playbooks' rule.
+PUBLIC_UPDATE_DUE_MINUTES = float(os.environ.get("PUBLIC_UPDATE_DUE_MINUTES", "15"))
+if PUBLIC_UPDATE_DUE_MINUTES <= 0:
+    raise ImproperlyConfigured("PUBLIC_UPDATE_DUE_MINUTES must be more than zero")
+PUBLIC_UPDATE_DUE = timedelta(minutes=PUBLIC_UPDATE_DUE_MINUTES)
 
 # --- Celery -------------------------------------------------------------------------------
 REDIS_URL = os.environ.get("REDIS_URL", "")
@@ -215,6 +233,21 @@ CELERY_BEAT_SCHEDULE: dict = {
     },
     # Integrations that expect a heartbeat: a missed one opens an incident. Cheap (an indexed
     # read of integrations whose heartbeat is due), so twice a minute.
+    # Accepted alert deliveries are applied (deduplicated, grouped, incidents opened) by this
+    # task: an alert's time from webhook to incident is bounded by the interval, so short.
+    # An idle run is one indexed read of pending deliveries; a busy one applies for at most
+    # 20 s, so it expires after an interval and runs do not pile up behind a long one.
+    "incidents-apply-alert-deliveries": {
+        "task": "incidents.apply_alert_deliveries",
+        "schedule": ALERT_APPLY_SECONDS,
+        "options": {"expires": ALERT_APPLY_SECONDS},
+    },
+    # Deleting applied deliveries past their retention: hourly keeps each run small.
+    "incidents-prune-alert-deliveries": {
+        "task": "incidents.prune_alert_deliveries",
+        "schedule": 3600.0,
+        "options": {"expires": 3600.0},
+    },
     "incidents-heartbeats": {
         "task": "incidents.check_heartbeats",
         "schedule": HEARTBEAT_CHECK_SECONDS,
@@ -258,6 +291,12 @@ SPECTACULAR_SETTINGS = {
 
 # Alert ingestion. Bodies larger than this are refused with 413 before they are parsed.
 ALERT_MAX_BODY_BYTES = int(os.environ.get("ALERT_MAX_BODY_BYTES", str(1024 * 1024)))
+# A web process keeps an authenticated integration this long, so a steady sender costs no
+# token lookup; a token rotation or deactivation reaches every process within this time.
+INTEGRATION_CACHE_SECONDS = float(os.environ.get("INTEGRATION_CACHE_SECONDS", "5"))
+# Applied alert deliveries (the request bodies as received) are deleted after this long;
+# the alerts they made keep their own payloads. Pending and failed ones are kept.
+ALERT_DELIVERY_RETENTION = timedelta(days=int(os.environ.get("ALERT_DELIVERY_RETENTION_DAYS", "7")))
 
 # The webhook throttle counts requests per integration in the cache: Redis when configured
 # (shared by every web process), else per process. A cache that cannot be reached lets

@@ -27,6 +27,7 @@ from django.utils.html import format_html
 
 from .exceptions import DomainError
 from .formatting import humanize_duration
+from .ingestion.intake import deliveries_requeue
 from .ingestion.services import (
     INTEGRATION_EDITABLE,
     integration_create,
@@ -34,7 +35,16 @@ from .ingestion.services import (
     integration_update,
 )
 from .markdown import render_markdown
-from .models import Alert, AlertRoute, Integration, IntegrationKind, Runbook, Severity
+from .models import (
+    Alert,
+    AlertDelivery,
+    AlertRoute,
+    DeliveryStatus,
+    Integration,
+    IntegrationKind,
+    Runbook,
+    Severity,
+)
 from .pagination import EstimatedCountPaginator
 
 ADMIN_CSS = {"all": ["incidents/admin.css"]}
@@ -304,6 +314,7 @@ class IntegrationAdmin(admin.ModelAdmin):
                 "opts": self.opts,
                 "integrations": integrations,
                 "bulk": bulk,
+                "cache_seconds": f"{settings.INTEGRATION_CACHE_SECONDS:g}",
                 "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
                 "changelist_url": reverse("admin:incidents_integration_changelist"),
             },
@@ -387,6 +398,65 @@ class AlertAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(AlertDelivery)
+class AlertDeliveryAdmin(admin.ModelAdmin):
+    """Accepted webhook requests as received, and whether the worker has applied them.
+    Read-only, except that failed ones can be queued again once their cause is fixed."""
+
+    list_display = [
+        "__str__",
+        "integration",
+        "status",
+        "alerts",
+        "received_at",
+        "applied_at",
+        "attempts",
+        "short_error",
+    ]
+    list_filter = ["status", "integration"]
+    list_select_related = ["integration"]
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+    list_per_page = 50
+    fields = [
+        "integration",
+        "status",
+        "alerts",
+        "received_at",
+        "applied_at",
+        "attempts",
+        "error",
+        "incidents",
+        "body",
+    ]
+    readonly_fields = fields
+    actions = ["requeue"]
+
+    @admin.display(description="Error")
+    def short_error(self, obj: AlertDelivery) -> str:
+        return obj.error[:80]
+
+    @admin.action(description="Queue the selected failed deliveries again", permissions=["change"])
+    def requeue(self, request, queryset):
+        failed = queryset.filter(status=DeliveryStatus.FAILED).values_list("pk", flat=True)
+        count = deliveries_requeue(ids=failed)
+        skipped = queryset.count() - count
+        message = f"{count} queued again; they are applied within seconds."
+        if skipped:
+            message += f" {skipped} not failed, left as they were."
+        self.message_user(request, message, messages.SUCCESS if count else messages.WARNING)
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        # The change permission allows the requeue action only: every field is read-only.
+        return super().has_change_permission(request, obj)
 
     def has_delete_permission(self, request, obj=None):
         return False

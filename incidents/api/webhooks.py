@@ -1,11 +1,13 @@
 """The alert webhooks: Alertmanager, Events v2, generic JSON, heartbeats.
 
 Each view authenticates the integration by its token (in the path, or `Authorization:
-Bearer`), throttles, bounds and parses the body, and calls one ingestion service, which
-commits before the answer. Answers: 2xx only for what was stored; 400 (naming the field)
-for input that will never be valid; 404 for an unknown token; 413 for a body over the
-limit; 429 past the integration's rate limit; 503 when the database cannot be reached, so
-the sender retries.
+Bearer`), throttles, bounds the body, parses and validates it completely, and stores it as
+received (`intake.accept`: one committed INSERT) before answering 202; a worker applies it
+within about a second (incidents/ingestion/intake.py). Answers: 2xx only for what was
+stored; 400 (naming the field) for input that will never be valid, with nothing stored;
+404 for an unknown token; 413 for a body over the limit; 429 past the integration's rate
+limit; 503 when the database cannot be reached, so the sender retries. Heartbeats are
+applied at once (they are rare and tiny).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from rest_framework.permissions import AllowAny
 from rest_framework.views import APIView
 
 from incidents.exceptions import InvalidInput
-from incidents.ingestion import payloads, services
+from incidents.ingestion import intake, payloads, services
 from incidents.models import Integration, IntegrationKind
 
 logger = logging.getLogger(__name__)
@@ -79,10 +81,14 @@ class WebhookView(APIView):
     authentication_classes: list = []
     permission_classes = [AllowAny]
     kind: str | None = ""
-    success_status = 200
+    success_status = 202
 
     def parse(self, data) -> payloads.Delivery:
         raise NotImplementedError
+
+    def stored_body(self, body: bytes, data, delivery: payloads.Delivery) -> str:
+        """What is stored for the worker: the body as received."""
+        return body.decode()
 
     def error_body(self, error: Refused) -> dict:
         return _error_body(error)
@@ -93,15 +99,21 @@ class WebhookView(APIView):
             response["Retry-After"] = "60" if error.status == 429 else "30"
         return response
 
-    def success_response(self, result: services.IngestResult, token_key: str) -> JsonResponse:
-        return JsonResponse(result.as_dict(), status=self.success_status)
+    def success_response(self, result: dict, token_key: str) -> JsonResponse:
+        return JsonResponse(result, status=self.success_status)
 
     token_in_body = False
+    # Alert webhooks keep the integrations they authenticate for a few seconds per process
+    # (services.cached_integration); heartbeats, which write to the row, read it afresh.
+    cached = True
 
     def authenticate(self, token: str) -> Integration:
         if not token:
             raise Refused(403, "No token: put it in the URL or Authorization: Bearer.", "auth")
-        integration = services.integration_by_token(token, kind=self.kind)
+        if self.cached:
+            integration = services.cached_integration(token, kind=self.kind)
+        else:
+            integration = services.integration_by_token(token, kind=self.kind)
         if integration is None:
             raise Refused(404, "Unknown integration key.", "unknown_key")
         if not services.throttle_allows(integration):
@@ -111,13 +123,14 @@ class WebhookView(APIView):
             )
         return integration
 
-    def handle(self, request, token: str) -> services.IngestResult:
+    def handle(self, request, token: str) -> dict:
         integration: Integration | None = None
         if not self.token_in_body:
             # Unknown tokens are refused before the body is even read.
             integration = self.authenticate(token or _bearer(request))
         try:
-            data = payloads.parse_json(_read_body(request))
+            body = _read_body(request)
+            data = payloads.parse_json(body)
             if integration is None:
                 key = token or _bearer(request)
                 if not key and isinstance(data, dict) and isinstance(data.get("routing_key"), str):
@@ -134,7 +147,12 @@ class WebhookView(APIView):
             if integration is not None and error.status == 413:
                 services.count_rejected(integration)
             raise
-        return services.alerts_ingest(integration=integration, delivery=delivery)
+        delivery_id = intake.accept(
+            integration=integration,
+            body=self.stored_body(body, data, delivery),
+            alerts=len(delivery.alerts),
+        )
+        return {"status": "accepted", "delivery": delivery_id, "alerts": len(delivery.alerts)}
 
     def post(self, request, token: str = ""):
         try:
@@ -178,7 +196,7 @@ class AlertmanagerWebhook(WebhookView):
 
     @extend_schema(
         request=OpenApiTypes.OBJECT,
-        responses={200: OpenApiTypes.OBJECT, **RESPONSES},
+        responses={202: OpenApiTypes.OBJECT, **RESPONSES},
         parameters=[TOKEN_PARAM],
         summary="Alertmanager webhook (v4)",
         auth=[],
@@ -197,7 +215,7 @@ class GenericWebhook(WebhookView):
 
     @extend_schema(
         request=OpenApiTypes.OBJECT,
-        responses={200: OpenApiTypes.OBJECT, **RESPONSES},
+        responses={202: OpenApiTypes.OBJECT, **RESPONSES},
         parameters=[TOKEN_PARAM],
         summary="Generic JSON alert webhook",
         auth=[],
@@ -220,6 +238,9 @@ class EventsV2Enqueue(WebhookView):
         delivery = payloads.parse_events_v2(data)[1]
         self.dedup_key = delivery.alerts[0].fingerprint
         return delivery
+
+    def stored_body(self, body, data, delivery):
+        return intake.stored_events_v2_body(data, self.dedup_key)
 
     def error_body(self, error: Refused) -> dict:
         status = "invalid event" if error.status == 400 else error.code
@@ -251,6 +272,8 @@ class HeartbeatView(WebhookView):
     Any kind of integration may send heartbeats, when it has a heartbeat interval."""
 
     kind = None  # any kind
+    cached = False
+    success_status = 200
 
     def handle(self, request, token: str) -> services.IngestResult:
         token = token or _bearer(request)

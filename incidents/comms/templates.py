@@ -27,6 +27,8 @@ from incidents.models import Incident, MaintenanceWindow, MessageTemplate, Templ
 ENGINE = Engine(autoescape=True, string_if_invalid="", loaders=[])
 
 HEADER_BREAKS = ("\r", "\n")
+# Kinds of message customers receive: they name public services only.
+CUSTOMER_KINDS = {TemplateKind.CUSTOMER_NOTICE, TemplateKind.MAINTENANCE}
 
 
 @dataclass(frozen=True)
@@ -92,10 +94,12 @@ def render_message(
     else:
         subject, body = BUILT_IN[kind]
     context = {"site_name": settings.SITE_NAME, "status_url": f"{settings.SITE_URL}/status/"}
+    # Customers are told only of public services; responders' messages name them all.
+    public_only = kind in CUSTOMER_KINDS
     if incident is not None:
-        context.update(incident_context(incident))
+        context.update(incident_context(incident, public_only=public_only))
     if maintenance is not None:
-        context.update(maintenance_context(maintenance))
+        context.update(maintenance_context(maintenance, public_only=public_only))
     context.update(extra or {})
     return render_source(subject=subject, body=body, context=context)
 
@@ -104,18 +108,56 @@ def default_template(kind: str) -> MessageTemplate | None:
     return MessageTemplate.objects.filter(kind=kind, is_default=True).first()
 
 
+def template_preview(template: MessageTemplate, *, incident: Incident | None = None) -> Rendered:
+    """Render a saved template as it would go out: with a real incident's context when one
+    is given (the sample for any part it lacks, e.g. a maintenance window), else with the
+    sample context. Raises InvalidInput naming subject or body if it cannot render."""
+    context = sample_context()
+    if incident is not None:
+        context.update(incident_context(incident))
+    return render_source(subject=template.subject, body=template.body, context=context)
+
+
+def message_template_make_default(*, template: MessageTemplate, actor=None) -> MessageTemplate:
+    """Make `template` the default of its kind, and the previous default an ordinary one,
+    in one transaction (the one-default-per-kind constraint holds throughout).
+    Idempotent. The template is checked again first (InvalidInput)."""
+    from django.db import transaction
+    from django.utils import timezone
+
+    template_validate(subject=template.subject, body=template.body)
+    with transaction.atomic():
+        now = timezone.now()
+        MessageTemplate.objects.filter(kind=template.kind, is_default=True).exclude(
+            pk=template.pk
+        ).update(is_default=False, updated_at=now)
+        MessageTemplate.objects.filter(pk=template.pk).update(is_default=True, updated_at=now)
+    template.is_default = True
+    return template
+
+
 def _iso(at: datetime | None) -> str:
     return at.strftime("%Y-%m-%d %H:%M UTC") if at else ""
 
 
-def incident_context(incident: Incident) -> dict[str, Any]:
-    """What a template may say about an incident: customer-facing fields only."""
+def _service_names(owner, public_only: bool) -> list[str]:
+    if not owner.pk:
+        return []
+    services = owner.services.all()
+    if public_only:
+        services = [s for s in services if s.is_public]
+    return [s.name for s in services]
+
+
+def incident_context(incident: Incident, *, public_only: bool = True) -> dict[str, Any]:
+    """What a template may say about an incident: customer-facing fields only, and only
+    its public services unless `public_only` is off (messages to responders)."""
     latest = (
         incident.updates.filter(public=True).order_by("-posted_at", "-pk").first()
         if incident.pk
         else None
     )
-    services = [s.name for s in incident.services.all()] if incident.pk else []
+    services = _service_names(incident, public_only)
     return {
         "incident": {
             "reference": incident.reference,
@@ -139,8 +181,8 @@ def incident_context(incident: Incident) -> dict[str, Any]:
     }
 
 
-def maintenance_context(window: MaintenanceWindow) -> dict[str, Any]:
-    services = [s.name for s in window.services.all()] if window.pk else []
+def maintenance_context(window: MaintenanceWindow, *, public_only: bool = True) -> dict[str, Any]:
+    services = _service_names(window, public_only)
     return {
         "maintenance": {
             "title": window.title,

@@ -17,9 +17,11 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from django.conf import settings
 from django.core.cache import cache
 from django.db import IntegrityError, OperationalError, transaction
 from django.db.models import F, Q
@@ -91,6 +93,45 @@ def integration_by_token(token: str, *, kind: str | None = None) -> Integration 
     return integration
 
 
+# token hash -> (monotonic expiry, integration). Each web process keeps the integrations it
+# has authenticated for INTEGRATION_CACHE_SECONDS, so a steady sender costs no lookup; a
+# rotation or deactivation reaches other processes within that time (this one at once).
+_TOKENS: dict[str, tuple[float, Integration]] = {}
+_TOKENS_MAX = 1024
+
+
+def cached_integration(token: str, *, kind: str | None) -> Integration | None:
+    """The active integration whose token this is (of `kind`, when given), or None.
+    Positive answers are kept per process for a few seconds; unknown tokens are looked up
+    every time, so random tokens cannot fill the cache."""
+    ttl = settings.INTEGRATION_CACHE_SECONDS
+    if not token or len(token) > 200:
+        return None
+    digest = token_hash(token)
+    hit = _TOKENS.get(digest)
+    if hit is not None and hit[0] > time.monotonic():
+        integration = hit[1]
+    else:
+        integration = integration_by_token(token)
+        if integration is None:
+            _TOKENS.pop(digest, None)
+            return None
+        if ttl > 0:
+            if len(_TOKENS) >= _TOKENS_MAX:
+                _TOKENS.clear()
+            _TOKENS[digest] = (time.monotonic() + ttl, integration)
+    if kind is not None and integration.kind != kind:
+        return None
+    return integration
+
+
+def forget_integration(integration: Integration) -> None:
+    """Drop this process's cached copy of an integration (after a change to it)."""
+    for digest, (_, cached) in list(_TOKENS.items()):
+        if cached.pk == integration.pk:
+            _TOKENS.pop(digest, None)
+
+
 def integration_create(
     *,
     name: str,
@@ -129,7 +170,8 @@ def integration_create(
 
 
 def integration_rotate_token(*, integration: Integration, now: datetime | None = None) -> str:
-    """Give the integration a new token; the old one stops working at once."""
+    """Give the integration a new token. The old one stops working at once in this
+    process, and within INTEGRATION_CACHE_SECONDS in other web processes."""
     now = now or timezone.now()
     token = secrets.token_urlsafe(TOKEN_BYTES)
     Integration.objects.filter(pk=integration.pk).update(
@@ -137,6 +179,7 @@ def integration_rotate_token(*, integration: Integration, now: datetime | None =
     )
     integration.token_hash, integration.token_prefix = token_hash(token), token[:8]
     integration.token_rotated_at = now
+    forget_integration(integration)
     return token
 
 
@@ -173,6 +216,7 @@ def integration_update(
         fields.append("heartbeat_due_at")
     if fields:
         integration.save(update_fields=fields)
+    forget_integration(integration)
     return integration
 
 

@@ -79,7 +79,17 @@ class Migration(migrations.Migration):
                         condition=models.Q(("status", "pending")),
                         fields=["integration", "id"],
                         name="alertdelivery_pending",
-                    )
+                    ),
+                    models.Index(
+                        condition=models.Q(("status", "failed")),
+                        fields=["id"],
+                        name="alertdelivery_failed",
+                    ),
+                    models.Index(
+                        condition=models.Q(("status", "done")),
+                        fields=["received_at"],
+                        name="alertdelivery_done",
+                    ),
                 ],
                 "constraints": [
                     models.CheckConstraint(

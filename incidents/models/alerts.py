@@ -213,6 +213,12 @@ class AlertDelivery(models.Model):
                 condition=Q(status="pending"),
                 name="alertdelivery_pending",
             ),
+            # The few that failed, for /metrics and the admin filter.
+            models.Index(fields=["id"], condition=Q(status="failed"), name="alertdelivery_failed"),
+            # Pruning applied deliveries past their retention, oldest first.
+            models.Index(
+                fields=["received_at"], condition=Q(status="done"), name="alertdelivery_done"
+            ),
         ]
         constraints = [
             models.CheckConstraint(

@@ -14,13 +14,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from escalation import services as engine
 from escalation.models import ContactKind, EngineState, Page, PageStatus, TargetKind
 from incidents import services as incident_services
+from incidents.ingestion import intake
 from tests.escalation.factories import ContactMethodFactory, PersonFactory, PolicyFactory, step
 from tests.incidents.factories import SeverityFactory, alertmanager_body, declare, integration
 
 pytestmark = pytest.mark.django_db
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)
-MAX_QUERIES = 7
+MAX_QUERIES = 9
 
 
 def scrape(client, **headers) -> dict:
@@ -84,12 +85,15 @@ def test_metrics_report_incidents_breaches_alerts_pages_and_the_engine(client):
         group_key="g1",
     )
     with time_machine.travel(T0, tick=False):
-        assert post_alerts(client, token, body) == 200
-        assert post_alerts(client, token, body) == 200  # a repeat: counted, not new
+        assert post_alerts(client, token, body) == 202
+        assert post_alerts(client, token, body) == 202  # a repeat: counted, not new
         assert post_alerts(client, token, {"version": "4", "alerts": "nope"}) == 400
         assert (
-            post_alerts(client, token, alertmanager_body({"fingerprint": "a3", **started})) == 200
+            post_alerts(client, token, alertmanager_body({"fingerprint": "a3", **started})) == 202
         )
+        assert intake.deliveries_apply().applied == 3
+        # One more, accepted and not applied yet: it waits in the queue.
+        assert post_alerts(client, token, alertmanager_body({"fingerprint": "a4"})) == 202
 
     # The tick at T0 + 90 s finds step 1 of the Sev1 incidents due since T0 + 60 s (30 s
     # late); the one at T0 + 20 min records their missed acknowledge target.
@@ -141,6 +145,9 @@ def test_metrics_report_incidents_breaches_alerts_pages_and_the_engine(client):
     assert value(samples, "incident_tracker_requests_rejected_total", **labels) == 1
     assert value(samples, "incident_tracker_alerts_firing", **labels) == 3
     assert source.alerts.count() == 3
+    assert value(samples, "incident_tracker_alert_deliveries_pending") == 1
+    assert value(samples, "incident_tracker_alert_deliveries_failed") == 0
+    assert value(samples, "incident_tracker_alert_deliveries_oldest_pending_seconds") > 0
 
     # Two pages: Ann's sent by email, Bob's failed with no channel to try (the drill pages
     # nobody: nobody opted in to drills).

@@ -26,6 +26,7 @@ from incidents.ingestion.services import (
 )
 from incidents.models import (
     Alert,
+    AlertDelivery,
     AlertRoute,
     AlertStatus,
     EventKind,
@@ -281,8 +282,8 @@ def test_rotating_from_the_change_page_invalidates_the_old_token(client, manager
     source.refresh_from_db()
     assert source.token_hash == token_hash(new)
     assert post_alert(client, old).status_code == 404
-    assert post_alert(client, new).status_code == 200
-    assert Alert.objects.filter(integration=source).count() == 1
+    assert post_alert(client, new).status_code == 202
+    assert AlertDelivery.objects.filter(integration=source).count() == 1
 
 
 def test_bulk_rotation_confirms_then_shows_each_new_token_once(client, manager, severities):

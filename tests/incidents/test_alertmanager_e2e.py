@@ -1,5 +1,6 @@
 """End to end: a real Alertmanager fires and then resolves alerts into the webhook of the
-live server, and the tracker opens, groups and auto-resolves incidents from them.
+live server, which stores them; a real Celery worker, driven by a real beat, applies them,
+and the tracker opens, groups and auto-resolves incidents from them.
 
 Needs Debian's prometheus-alertmanager; skipped without it, except with CI=true (fails).
 """
@@ -13,8 +14,16 @@ from urllib.parse import urlsplit
 import pytest
 from django.utils import timezone
 
-from incidents.models import Alert, AlertStatus, EventKind, Incident, IncidentStatus
-from tests.escalation.processes import HOST, wait_until
+from incidents.models import (
+    Alert,
+    AlertDelivery,
+    AlertStatus,
+    DeliveryStatus,
+    EventKind,
+    Incident,
+    IncidentStatus,
+)
+from tests.escalation.processes import HOST, ProcessGroup, child_env, wait_until
 
 from .alertmanager import AlertmanagerProcess, require_binary
 from .factories import SeverityFactory, integration
@@ -53,7 +62,14 @@ def test_alertmanager_fires_and_resolves_alerts_into_incidents(live_server, tmp_
         }
     ]
 
-    with AlertmanagerProcess(tmp_path, webhook_url=webhook, binary=binary) as am:
+    with (
+        ProcessGroup(tmp_path) as group,
+        AlertmanagerProcess(tmp_path, webhook_url=webhook, binary=binary) as am,
+    ):
+        redis = group.redis()
+        env = child_env(broker_url=redis.url, ALERT_APPLY_SECONDS="1")
+        group.worker("intake", env)
+        group.beat("beat", env)
         am.post_alerts(alerts)
 
         def opened():
@@ -108,6 +124,9 @@ def test_alertmanager_fires_and_resolves_alerts_into_incidents(live_server, tmp_
         assert kinds.count(EventKind.ALERT_RESOLVED) == incident.alerts.count()
         assert kinds[-1] == EventKind.RESOLVED
     assert set(Alert.objects.values_list("ends_at", flat=True)) == {ended}
+    # Every accepted delivery was applied by the worker; none waits or failed.
+    statuses = set(AlertDelivery.objects.values_list("status", flat=True))
+    assert statuses == {DeliveryStatus.DONE}
     source.refresh_from_db()
     assert source.requests_rejected == 0
     assert source.alerts_received >= 6
