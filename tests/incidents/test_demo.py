@@ -10,6 +10,7 @@ import pytest
 from django.urls import reverse
 
 from incidents.demo import ALERT_ROUTES, DEMO_INTEGRATION, load_demo
+from incidents.ingestion import intake
 from incidents.ingestion.services import integration_by_token
 from incidents.models import AlertRoute, Incident, Integration, Runbook
 
@@ -63,7 +64,8 @@ def test_demo_integration_token_is_printed_once_and_routes_alerts(client):
         data=json.dumps(alertmanager_body({"labels": {"alertname": "RedisConnectionFailure"}})),
         content_type="application/json",
     )
-    assert response.status_code == 200
-    incident = Incident.objects.get(reference__in=response.json()["incidents_opened"])
+    assert response.status_code == 202
+    assert intake.deliveries_apply().applied == 1
+    incident = Incident.objects.get(alerts__name="RedisConnectionFailure")
     assert (incident.runbook.code, incident.severity.level) == ("RB-03", 1)
     assert reverse("webhook-alertmanager", args=[token]) in url
