@@ -5,7 +5,7 @@
 
 The defaults are the documented run; smaller sizes are for trying changes quickly (the
 report then says which options were used). Naming benchmarks (services, admin, escalation,
-ingest, api) runs only those and replaces only their sections of docs/benchmarks.md.
+ingest, api, notices) runs only those and replaces only their sections of docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from . import bench_database, database_snapshot, is_postgresql, setup
 OUTPUT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 COMMAND = "make bench"
 # The benchmarks by name, in the order they run and the order of their report sections.
-NAMES = ("admin", "services", "escalation", "ingest", "api")
-REPORT_ORDER = ("services", "admin", "escalation", "ingest", "api")
+NAMES = ("admin", "services", "escalation", "ingest", "api", "notices")
+REPORT_ORDER = ("services", "admin", "escalation", "ingest", "api", "notices")
 
 
 def _options(argv: list[str] | None) -> argparse.Namespace:
@@ -65,6 +65,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
         "--api-large", type=int, default=1_000_000, help="incidents, API second size"
     )
     parser.add_argument("--api-requests", type=int, default=30, help="timed requests, API")
+    parser.add_argument("--notices-small", type=int, default=1_000, help="subscribers, first")
+    parser.add_argument("--notices-large", type=int, default=10_000, help="subscribers, second")
     parser.add_argument("--output", type=Path, default=OUTPUT, help="the markdown report")
     options = parser.parse_args(argv)
     unknown = [name for name in options.only if name not in NAMES]
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
             storm_alerts=options.storm_alerts,
             storm_groups=options.storm_groups,
         ),
+        "notices": lambda _: _notices().run(
+            small=options.notices_small, large=options.notices_large
+        ),
         "api": lambda template: _api().run(
             template=template,
             small=options.api_small,
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     report = render(
         machine=facts,
         # Numbered as in the issues: services, the admin, the escalation engine, ingestion,
-        # the API.
+        # the API, customer notices.
         results=[results[key] for key in REPORT_ORDER if key in results],
         started=started,
         seconds=seconds,
@@ -240,6 +245,12 @@ def _api():
     from . import bench_api
 
     return bench_api
+
+
+def _notices():
+    from . import bench_notices
+
+    return bench_notices
 
 
 if __name__ == "__main__":

@@ -248,6 +248,13 @@ CELERY_BEAT_SCHEDULE: dict = {
         "schedule": 3600.0,
         "options": {"expires": 3600.0},
     },
+    # Customer notices: sends left by a dead worker become "unknown" (never re-sent), lost
+    # batches are queued again, finished notices close. Reads only notices still sending.
+    "incidents-notices-sweep": {
+        "task": "incidents.notices_sweep",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
     "incidents-heartbeats": {
         "task": "incidents.check_heartbeats",
         "schedule": HEARTBEAT_CHECK_SECONDS,

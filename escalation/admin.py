@@ -46,8 +46,59 @@ def _when(rotation: Rotation, at: datetime) -> str:
 # --- teams -----------------------------------------------------------------------------------
 
 
+class TeamAdminForm(forms.ModelForm):
+    """The chat webhook must be an http(s) URL a webhook may reach (checked again, with
+    DNS, at each send); the channel pattern may use only the known placeholders."""
+
+    chat_webhook_url = forms.URLField(
+        required=False,
+        max_length=200,
+        assume_scheme="https",
+        label="Chat webhook URL",
+        help_text="A Slack-compatible incoming webhook; internal status updates, declarations "
+        "and resolutions of the team's incidents are posted there.",
+    )
+
+    class Meta:
+        model = Team
+        fields = [
+            "name",
+            "slug",
+            "description",
+            "members",
+            "summary_email",
+            "chat_webhook_url",
+            "chat_channel_pattern",
+        ]
+
+    def clean_chat_webhook_url(self) -> str:
+        from django.core.exceptions import ValidationError
+
+        from .channels import validate_webhook_url
+
+        url = (self.cleaned_data.get("chat_webhook_url") or "").strip()
+        if url:
+            try:
+                validate_webhook_url(url, resolve=False)
+            except ValidationError as error:
+                raise forms.ValidationError(error.error_dict["address"][0].messages) from error
+        return url
+
+    def clean_chat_channel_pattern(self) -> str:
+        from incidents.comms.updates import chat_channel_pattern_validate
+        from incidents.exceptions import InvalidInput
+
+        pattern = (self.cleaned_data.get("chat_channel_pattern") or "").strip()
+        try:
+            chat_channel_pattern_validate(pattern)
+        except InvalidInput as error:
+            raise forms.ValidationError(str(error).removeprefix(f"{error.field}: ")) from error
+        return pattern
+
+
 @admin.register(Team)
 class TeamAdmin(admin.ModelAdmin):
+    form = TeamAdminForm
     list_display = ["name", "slug", "member_count", "rotation_count"]
     ordering = ["name"]  # annotated querysets drop Meta.ordering
     search_fields = ["name", "slug"]

@@ -253,10 +253,117 @@ def _escalate_one(incident: Incident, now: datetime) -> int:
     return len(people)
 
 
+# --- maintenance windows silence paging -----------------------------------------------------
+
+# A held escalation (or page) is looked at again this often while its window runs, so a
+# window cancelled or cut short releases it within a minute.
+MAINTENANCE_RECHECK = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class Silence:
+    """The running maintenance window that silences an incident, and which of the
+    incident's services it covers."""
+
+    window_id: int
+    title: str
+    ends_at: datetime
+    services: tuple[str, ...]
+
+    def resume_at(self, now: datetime) -> datetime:
+        return min(self.ends_at, now + MAINTENANCE_RECHECK)
+
+
+def silences_for(incident_ids: list[int], *, now: datetime) -> dict[int, Silence]:
+    """The incidents among `incident_ids` that a running maintenance window covers (one of
+    their services is in it), each with the window that ends last. At most two queries,
+    whatever the number of incidents: the running windows' services, and, if there are
+    any, which of those services the incidents have."""
+    from incidents.comms.maintenance import windows_active
+
+    if not incident_ids:
+        return {}
+    by_service: dict[int, list[tuple[int, str, datetime, str]]] = {}
+    for window_id, title, ends_at, service_id, service_name in (
+        windows_active(now=now)
+        .filter(services__isnull=False)
+        .values_list("pk", "title", "ends_at", "services__id", "services__name")
+    ):
+        by_service.setdefault(service_id, []).append((window_id, title, ends_at, service_name))
+    if not by_service:
+        return {}
+    covering: dict[int, list[tuple[int, str, datetime, str]]] = {}
+    for incident_id, service_id in Incident.services.through.objects.filter(
+        incident_id__in=incident_ids, service_id__in=list(by_service)
+    ).values_list("incident_id", "service_id"):
+        covering.setdefault(incident_id, []).extend(by_service[service_id])
+    silences = {}
+    for incident_id, windows in covering.items():
+        window_id, title, ends_at, _ = max(windows, key=lambda w: (w[2], w[0]))
+        names = sorted({w[3] for w in windows if w[0] == window_id})
+        silences[incident_id] = Silence(window_id, title, ends_at, tuple(names))
+    return silences
+
+
+def _silences_or_none(incident_ids: list[int], *, now: datetime) -> dict[int, Silence]:
+    """`silences_for`, failing open: if the maintenance lookup breaks, paging goes on (a
+    page too many beats a page lost), and the log says why."""
+    try:
+        with transaction.atomic():
+            return silences_for(incident_ids, now=now)
+    except Exception:
+        logger.exception("maintenance windows could not be read; paging as usual")
+        return {}
+
+
+def _note_silence(incident: Incident, silence: Silence, now: datetime) -> dict[str, Any]:
+    """The plan change that marks the incident as silenced by this window, and the
+    timeline event saying why, the first time this window silences it; else {}."""
+    plan = incident.escalation_plan or {}
+    if plan.get("silenced_by") == silence.window_id:
+        return {}
+    _engine_event(
+        incident,
+        EventKind.PAGING_SILENCED,
+        now,
+        value=silence.title,
+        message=f"Paging silenced: the maintenance window “{silence.title}” covers "
+        f"{', '.join(silence.services) or 'its services'} until "
+        f"{silence.ends_at:%Y-%m-%d %H:%M} UTC. Alerts are still recorded; escalation "
+        "resumes from where it stands when the window ends.",
+    )
+    return {"escalation_plan": {**plan, "silenced_by": silence.window_id}}
+
+
+def _silence_one(incident: Incident, silence: Silence, now: datetime) -> None:
+    """Hold a due escalation step while a maintenance window runs: the whole plan moves
+    later by the time held, so at the window's end the step that was due fires and the
+    ones after it keep their spacing. The caller holds the row lock."""
+    due = incident.next_escalation_at
+    resume = silence.resume_at(now)
+    shift = resume - due
+    fields: dict[str, Any] = {
+        "next_escalation_at": resume,
+        "escalation_started_at": (incident.escalation_started_at or due) + shift,
+    }
+    changed = Incident.objects.filter(
+        pk=incident.pk,
+        next_escalation_at=due,
+        escalation_step=incident.escalation_step,
+        escalation_round=incident.escalation_round,
+    ).update(**fields)
+    if changed:
+        marker = _note_silence(incident, silence, now)
+        if marker:
+            Incident.objects.filter(pk=incident.pk).update(**marker)
+
+
 def escalate_due(*, now: datetime | None = None, batch: int = BATCH) -> int:
     """Fire every escalation step due by `now` (one step per incident per call), in due
     order. Safe to run concurrently: rows are claimed with skip_locked and advanced with a
-    compare-and-set. Returns the number of pages created."""
+    compare-and-set. An incident covered by a running maintenance window pages nobody: its
+    step is held until the window ends (the timeline says why, once per window). Returns
+    the number of pages created."""
     now = now or timezone.now()
     created = 0
     with transaction.atomic():
@@ -265,9 +372,21 @@ def escalate_due(*, now: datetime | None = None, batch: int = BATCH) -> int:
             .filter(next_escalation_at__lte=now)
             .order_by("next_escalation_at", "pk")[:batch]
         )
+        silences = _silences_or_none(
+            [
+                i.pk
+                for i in due
+                if i.status in OPEN_STATUSES and (i.escalation_plan or {}).get("steps")
+            ],
+            now=now,
+        )
         for incident in due:
             try:
                 with transaction.atomic():
+                    silence = silences.get(incident.pk)
+                    if silence is not None:
+                        _silence_one(incident, silence, now)
+                        continue
                     created += _escalate_one(incident, now)
             except IntegrityError:
                 # The unique page key refused a second page for the same step: another
@@ -490,7 +609,9 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
     Claims the row (pending -> sending) in a short transaction, sends outside any
     transaction, then records the attempt and the outcome. A page that is not pending is
     left alone; a page whose incident no longer needs it is cancelled, never sent.
-    Returns the outcome: sent, retry, backup, failed, cancelled or skipped."""
+    A page whose incident a running maintenance window covers stays pending until the
+    window ends ("held").
+    Returns the outcome: sent, retry, backup, failed, cancelled, held or skipped."""
     from .channels import DeliveryError, compose_page, send
 
     clock_injected = now is not None
@@ -513,6 +634,17 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
         if reason:
             _cancel_page(page, now, reason)
             return "cancelled"
+        silence = _silences_or_none([page.incident_id], now=now).get(page.incident_id)
+        if silence is not None:
+            # A maintenance window began after this page was made (a retry, a backup
+            # method): it waits, pending, until the window ends.
+            Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
+                next_attempt_at=silence.resume_at(now), enqueued_at=None
+            )
+            marker = _note_silence(page.incident, silence, now)
+            if marker:
+                Incident.objects.filter(pk=page.incident_id).update(**marker)
+            return "held"
         methods = _methods(page.person)
         if page.method_index >= len(methods):
             _fail(
@@ -767,15 +899,22 @@ def page_acknowledge(*, page: Page, now: datetime | None = None) -> Incident:
 
 # --- targets and the auditor ----------------------------------------------------------------
 
+# (due column, breach stamp, name, the severity's target; None: the public-update rule)
 BREACHES = (
     ("ack_due_at", "ack_breached_at", "acknowledge", "ack_target"),
     ("resolve_due_at", "resolve_breached_at", "resolve", "resolve_target"),
     ("next_update_due_at", "update_breached_at", "status update", "update_interval"),
+    ("public_update_due_at", "public_update_breached_at", "public update", None),
 )
 
 
 def record_breaches(*, now: datetime | None = None, batch: int = BATCH) -> int:
-    """Record each target an open incident has missed, once, on its timeline."""
+    """Record each target an open incident has missed, once, on its timeline: acknowledge,
+    resolve, the update cadence, and a public incident's first public update (within
+    PUBLIC_UPDATE_DUE). Each sweep reads `<due> <= now` on a partial index of unrecorded
+    breaches, in batches. An overdue update also reminds the incident's Communications
+    Lead (`incidents.comms.updates.update_reminders_plan`), once per overdue period."""
+    from incidents.comms.updates import update_reminders_plan
     from incidents.formatting import humanize_duration
 
     now = now or timezone.now()
@@ -788,23 +927,36 @@ def record_breaches(*, now: datetime | None = None, batch: int = BATCH) -> int:
                 .filter(**{f"{due_field}__lte": now, f"{stamp}__isnull": True})
                 .order_by(due_field, "pk")[:batch]
             )
+            breached = []
             for incident in rows:
                 if not Incident.objects.filter(pk=incident.pk, **{f"{stamp}__isnull": True}).update(
                     **{stamp: now}
                 ):
                     continue
-                late = now - getattr(incident, due_field)
+                due = getattr(incident, due_field)
+                late = now - due
+                if target is None:
+                    rule = (
+                        f"The first public update ({humanize_duration(settings.PUBLIC_UPDATE_DUE)}"
+                        " after the incident became public) was missed"
+                    )
+                else:
+                    rule = (
+                        f"The {name} target of {incident.severity.name} "
+                        f"({humanize_duration(getattr(incident.severity, target))}) was missed"
+                    )
                 _engine_event(
                     incident,
                     EventKind.TARGET_BREACHED,
                     now,
                     value=name,
-                    message=f"The {name} target of {incident.severity.name} "
-                    f"({humanize_duration(getattr(incident.severity, target))}) was missed "
-                    f"(due {getattr(incident, due_field):%Y-%m-%d %H:%M:%S} UTC, "
+                    message=f"{rule} (due {due:%Y-%m-%d %H:%M:%S} UTC, "
                     f"noticed {humanize_duration(late)} later).",
                 )
+                breached.append(incident)
                 recorded += 1
+            if due_field == "next_update_due_at" and breached:
+                update_reminders_plan(breached, now=now)
     return recorded
 
 

@@ -32,6 +32,12 @@ from . import (  # noqa: F401
     admin_updates,
     services,
 )
+from .admin_updates import (
+    UpdateOverdueFilter,
+    post_update_view,
+    status_update_context,
+    update_due_column,
+)
 from .deadlines import target_states
 from .exceptions import DomainError
 from .formatting import humanize_duration, severity_badge, status_badge, target_badge
@@ -264,6 +270,7 @@ class IncidentAdmin(admin.ModelAdmin):
         "services_display",
         "commander_display",
         "age_display",
+        update_due_column,
     ]
     list_display_links = ["reference", "title"]
     list_filter = [
@@ -273,6 +280,7 @@ class IncidentAdmin(admin.ModelAdmin):
         "services",
         "team",
         BreachedFilter,
+        UpdateOverdueFilter,
         "is_drill",
     ]
     list_select_related = ["severity", "severity__calendar"]
@@ -283,7 +291,14 @@ class IncidentAdmin(admin.ModelAdmin):
     list_per_page = 50
     autocomplete_fields = ["services", "team", "runbook"]
     inlines = [TimelineInline]
-    actions = ["acknowledge", "assign_me_commander", "escalate", "resolve", "merge_into"]
+    actions = [
+        "acknowledge",
+        "assign_me_commander",
+        "escalate",
+        "resolve",
+        "merge_into",
+        admin_notices.notify_customers,
+    ]
     readonly_fields = ["reference", "status_display", *TIMESTAMP_FIELDS, "sla_display"]
     change_form_template = "admin/incidents/incident/change_form.html"
 
@@ -431,6 +446,11 @@ class IncidentAdmin(admin.ModelAdmin):
             ),
             path("<path:object_id>/note/", view(self.note_view), name="incidents_incident_note"),
             path(
+                "<path:object_id>/status-update/",
+                view(self.status_update_view),
+                name="incidents_incident_status_update",
+            ),
+            path(
                 "<path:object_id>/assign-role/",
                 view(self.role_view),
                 name="incidents_incident_assign_role",
@@ -505,6 +525,9 @@ class IncidentAdmin(admin.ModelAdmin):
             )
         return self._run(request, incident, call, f"{incident.reference} is now {status}.")
 
+    def status_update_view(self, request, object_id):
+        return post_update_view(self, request, object_id)
+
     def note_view(self, request, object_id):
         if request.method != "POST":
             return HttpResponseNotAllowed(["POST"])
@@ -573,6 +596,7 @@ class IncidentAdmin(admin.ModelAdmin):
                 note_form=NoteForm(),
                 role_form=RoleForm(admin_site=self.admin_site),
                 **self._alert_context(obj),
+                **status_update_context(request, self, obj),
             )
         return super().render_change_form(request, context, add, change, form_url, obj)
 

@@ -87,6 +87,30 @@ ALERTS_MANAGE = [
     "change_alertdelivery",
 ]
 
+# Communications (issue 6): everyone reads updates, templates, windows and notices;
+# responders post status updates; managers run templates, subscribers, notices, windows.
+COMMS_VIEW = [
+    "view_statusupdate",
+    "view_messagetemplate",
+    "view_maintenancewindow",
+    "view_customernotice",
+]
+COMMS_MANAGE = [
+    "add_messagetemplate",
+    "change_messagetemplate",
+    "delete_messagetemplate",
+    "view_subscriber",
+    "add_subscriber",
+    "change_subscriber",
+    "delete_subscriber",
+    "add_customernotice",
+    "change_customernotice",
+    "add_maintenancewindow",
+    "change_maintenancewindow",
+    "delete_maintenancewindow",
+    "view_noticedelivery",
+]
+
 GROUPS: dict[str, dict[str, list[str]]] = {
     "Viewers": {
         "incidents": [
@@ -97,6 +121,7 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_role",
             "view_roleassignment",
             *ALERTS_VIEW,
+            *COMMS_VIEW,
         ],
         "escalation": ESCALATION_VIEW,
     },
@@ -111,6 +136,8 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_role",
             "view_roleassignment",
             *ALERTS_VIEW,
+            *COMMS_VIEW,
+            "add_statusupdate",
         ],
         "escalation": [*ESCALATION_VIEW, "add_override", "change_override", "delete_override"],
     },
@@ -131,6 +158,9 @@ GROUPS: dict[str, dict[str, list[str]]] = {
             "view_roleassignment",
             *ALERTS_VIEW,
             *ALERTS_MANAGE,
+            *COMMS_VIEW,
+            "add_statusupdate",
+            *COMMS_MANAGE,
         ],
         "escalation": [*ESCALATION_VIEW, *ESCALATION_MANAGE, "add_team", "change_team"],
     },
@@ -174,3 +204,19 @@ def ensure_groups(apps: Apps) -> None:
             if missing:
                 raise LookupError(f"group {name}: unknown permissions {sorted(missing)}")
             group.permissions.add(*perms)
+
+
+def ensure_templates(apps: Apps) -> None:
+    """One default message template per kind, from the built-in texts, where a kind has
+    none (templates an admin edited stay as they are)."""
+    from incidents.comms.templates import BUILT_IN
+    from incidents.models import TemplateKind
+
+    MessageTemplate = apps.get_model("incidents", "MessageTemplate")
+    for kind, (subject, body) in BUILT_IN.items():
+        if MessageTemplate.objects.filter(kind=kind, is_default=True).exists():
+            continue
+        MessageTemplate.objects.get_or_create(
+            name=f"{TemplateKind(kind).label} (built-in)",
+            defaults={"kind": kind, "subject": subject, "body": body, "is_default": True},
+        )

@@ -172,6 +172,9 @@ def incident_declare(
     deadlines = compute_deadlines(severity, detected_at, now, status=S.TRIGGERED)
     from escalation.services import plan_fields
 
+    from .comms import updates as comms
+
+    services = list(services)
     with transaction.atomic():
         number = next_number("incident")
         incident = Incident.objects.create(
@@ -191,8 +194,8 @@ def incident_declare(
             detected_at=detected_at,
             **deadlines.as_fields(),
             **plan_fields(severity=severity, started_at=now),
+            **comms.declare_fields(services=services, is_drill=is_drill, now=now),
         )
-        services = list(services)
         if services:
             incident.services.add(*services)
         timeline_record(
@@ -204,6 +207,7 @@ def incident_declare(
             value=severity.name,
             message=("[DRILL] " if is_drill else "") + title,
         )
+        comms.chat_enqueue(incident, "initial", team=team)
     return incident
 
 
@@ -268,6 +272,9 @@ def _transition_locked(
             update_base=locked.update_base,
         ).as_fields()
     )
+    from .comms.updates import transition_fields
+
+    fields.update(transition_fields(locked, reopening=reopening, now=now))
     _compare_and_set(locked, current, fields)
     kind = {
         S.ACKNOWLEDGED: EventKind.ACKNOWLEDGED,
@@ -552,6 +559,14 @@ def incident_update(
         if not events:
             return locked
         fields["updated_at"] = now
+        if any(name in {"services", "is_drill"} for name, _old, _new in events):
+            from .comms.updates import public_update_fields
+
+            fields.update(
+                public_update_fields(
+                    locked, now=now, is_drill=fields.get("is_drill", locked.is_drill)
+                )
+            )
         _compare_and_set(locked, locked.status, fields)
         for name, old, new in events:
             timeline_record(
@@ -664,7 +679,11 @@ def incident_merge(
             )
         _compare_and_set(src, src.status, {"merged_into": dst})
         _transition_locked(src, to=S.CLOSED, actor=actor, message=message, actor_label="", now=now)
-        Incident.objects.filter(pk=dst.pk).update(updated_at=now)
+        from .comms.updates import public_update_fields
+
+        Incident.objects.filter(pk=dst.pk).update(
+            updated_at=now, **public_update_fields(dst, now=now)
+        )
     return dst
 
 

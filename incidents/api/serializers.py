@@ -17,6 +17,7 @@ from rest_framework import serializers
 from escalation.api.serializers import AwareDateTimeField, PersonRefSerializer
 from escalation.models import Team
 
+from ..comms.updates import MAX_UPDATE_LENGTH
 from ..markdown import render_markdown
 from ..models import (
     Alert,
@@ -26,10 +27,12 @@ from ..models import (
     Incident,
     IncidentStatus,
     Integration,
+    PublicStage,
     Role,
     Runbook,
     Service,
     Severity,
+    StatusUpdate,
     TimelineEvent,
 )
 from ..services import MAX_NOTE_LENGTH
@@ -56,6 +59,7 @@ def choice_field(choices: type[models.TextChoices], component_name: str):
 
 IncidentStatusField = choice_field(IncidentStatus, "IncidentStatus")
 AlertStatusField = choice_field(AlertStatus, "AlertStatus")
+PublicStageField = choice_field(PublicStage, "PublicStage")
 
 
 # --- References to other rows ---------------------------------------------------------------
@@ -215,6 +219,9 @@ class IncidentSerializer(serializers.ModelSerializer):
             "ack_breached_at",
             "resolve_breached_at",
             "update_breached_at",
+            "public_update_due_at",
+            "public_update_breached_at",
+            "chat_channel",
         ]
         read_only_fields = fields
 
@@ -337,6 +344,32 @@ class RoleInput(serializers.Serializer):
         queryset=get_user_model().objects.all(),
         help_text="Who takes the role.",
     )
+
+
+class StatusUpdateInput(serializers.Serializer):
+    body = serializers.CharField(max_length=MAX_UPDATE_LENGTH)
+    public = serializers.BooleanField(
+        required=False,
+        default=False,
+        help_text="true: shown on the public status page; false (default): internal.",
+    )
+    status = PublicStageField(
+        required=False,
+        help_text="The public stage; default from the incident's status (mitigating: identified).",
+    )
+
+
+class StatusUpdateSerializer(serializers.ModelSerializer):
+    """A status update. `status` is its public stage; `next_due_at` when the next update
+    fell due after it (null once the incident no longer needs updates)."""
+
+    status = PublicStageField(source="stage", read_only=True)
+    posted_by = serializers.CharField(source="posted_by_label", read_only=True)
+
+    class Meta:
+        model = StatusUpdate
+        fields = ["id", "status", "public", "body", "posted_at", "posted_by", "next_due_at"]
+        read_only_fields = fields
 
 
 class MergeInput(serializers.Serializer):

@@ -8,7 +8,7 @@ from rest_framework.routers import DefaultRouter
 
 from escalation.api.urls import router as escalation_router
 
-from . import views, webhooks
+from . import notices, views, webhooks
 
 
 class ApiRouter(DefaultRouter):
@@ -36,6 +36,7 @@ router.register("services", views.ServiceViewSet, basename="service")
 router.register("runbooks", views.RunbookViewSet, basename="runbook")
 router.register("alert-routes", views.AlertRouteViewSet, basename="alert-route")
 router.register("integrations", views.IntegrationViewSet, basename="integration")
+router.register("notices", notices.NoticeViewSet, basename="notice")
 
 
 WEBHOOK_TAGS = ["alert webhooks"]

@@ -29,6 +29,7 @@ from config.api import CursorPagination, PageNumberPagination
 from escalation.services import incident_escalate
 
 from .. import selectors, services
+from ..comms.updates import status_update_post, updates_for
 from ..exceptions import InvalidInput
 from ..models import AlertRoute, Integration, Runbook, Service, Severity
 from . import serializers as s
@@ -283,6 +284,58 @@ class IncidentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets
                 source=incident, target=target, actor=request.user, reason=data.get("reason", "")
             )
         return self.answer(incident)
+
+    @extend_schema(
+        methods=["GET"],
+        responses={200: s.StatusUpdateSerializer(many=True), 404: NOT_FOUND},
+        summary="The incident's status updates, newest first",
+        parameters=[REFERENCE],
+    )
+    @extend_schema(
+        methods=["POST"],
+        request=s.StatusUpdateInput,
+        responses={201: s.StatusUpdateSerializer, **ACTION_ERRORS},
+        summary="Post a status update, internal or public",
+        parameters=[REFERENCE],
+        examples=example(
+            {"body": "We found the cause and are rolling back.", "public": True},
+            "A public update",
+        ),
+    )
+    @action(
+        detail=True,
+        methods=["get", "post"],
+        url_path="status-updates",
+        pagination_class=PageNumberPagination,
+        filter_backends=[],
+    )
+    def status_updates(self, request, reference=None):
+        """GET: the updates, newest first (any logged-in user). POST: post one; needs the
+        right to change the incident (its team's rule) and `incidents.add_statusupdate`.
+        The next update falls due after the severity's cadence; a public update also
+        settles the first public update a public incident owes."""
+        incident = self.get_object()
+        if request.method == "GET":
+            page = self.paginate_queryset(updates_for(incident))
+            return self.get_paginated_response(s.StatusUpdateSerializer(page, many=True).data)
+        if not request.user.has_perm("incidents.add_statusupdate"):
+            raise PermissionDenied(
+                {
+                    "detail": "Posting a status update needs the incidents.add_statusupdate "
+                    "permission.",
+                    "code": "missing_permission",
+                }
+            )
+        data = parse(s.StatusUpdateInput, request.data)
+        with fields_named(stage="status"):
+            update = status_update_post(
+                incident=incident,
+                body=data["body"],
+                public=data["public"],
+                stage=data.get("status"),
+                actor=request.user,
+            )
+        return Response(s.StatusUpdateSerializer(update).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
         responses={200: s.TimelineEventSerializer(many=True), 404: NOT_FOUND},

@@ -163,3 +163,81 @@ def alertmanager_body(*alerts: dict, group_key: str = '{}:{alertname="X"}', stat
         "externalURL": "http://alertmanager.example",
         "alerts": items,
     }
+
+
+# --- status page and maintenance (issue 6, helper C) ----------------------------------------
+
+
+class StatusUpdateFactory(factory.django.DjangoModelFactory):
+    """A status update row made directly (the status page only reads them); tests of the
+    posting rules go through `incidents.comms.updates.status_update_post`."""
+
+    class Meta:
+        model = "incidents.StatusUpdate"
+
+    body = factory.Sequence(lambda n: f"Update {n}")
+    public = True
+    stage = "investigating"
+    posted_at = factory.LazyFunction(timezone.now)
+
+
+class MaintenanceWindowFactory(factory.django.DjangoModelFactory):
+    """A window row made directly, for reads; scheduling rules are tested through
+    `incidents.comms.maintenance.maintenance_schedule`. `services=[...]` sets its services."""
+
+    class Meta:
+        model = "incidents.MaintenanceWindow"
+        skip_postgeneration_save = True
+
+    title = factory.Sequence(lambda n: f"Maintenance {n}")
+    starts_at = factory.LazyFunction(lambda: timezone.now() + timedelta(days=1))
+    ends_at = factory.LazyAttribute(lambda w: w.starts_at + timedelta(hours=2))
+    created_at = factory.LazyFunction(timezone.now)
+
+    @factory.post_generation
+    def services(self, create, extracted, **kwargs):
+        if create and extracted:
+            self.services.set(extracted)
+
+
+# --- customer notices (issue 6) -------------------------------------------------------------
+
+
+class SubscriberFactory(factory.django.DjangoModelFactory):
+    """A confirmed subscriber; `services=[...]` to follow some, `confirmed_at=None` for one
+    who never confirmed."""
+
+    class Meta:
+        model = "incidents.Subscriber"
+        django_get_or_create = ["email"]
+        skip_postgeneration_save = True
+
+    email = factory.Sequence(lambda n: f"customer{n}@example.org")
+    confirmed_at = factory.LazyFunction(timezone.now)
+    unsubscribe_token = factory.Sequence(lambda n: f"unsubscribe-token-{n:06d}")
+
+    @factory.post_generation
+    def services(self, create, extracted, **kwargs):
+        if create and extracted:
+            self.services.add(*extracted)
+
+
+# --- status updates and templates (issue 6, helper A) ---------------------------------------
+
+
+class MessageTemplateFactory(factory.django.DjangoModelFactory):
+    """A message template row; `kind` one of TemplateKind, not the default unless said."""
+
+    class Meta:
+        model = "incidents.MessageTemplate"
+
+    kind = "update"
+    name = factory.Sequence(lambda n: f"Template {n}")
+    subject = "[{{ incident.severity }}] {{ incident.reference }}"
+    body = "{{ update.stage }}: {{ update.body }}"
+    is_default = False
+
+
+def assign(incident, slug: str, user):
+    """Give `user` the role `slug` on the incident, through the service."""
+    return services.incident_assign_role(incident=incident, role=role(slug), user=user, actor=None)

@@ -13,6 +13,7 @@ from rest_framework.test import APIClient
 from escalation import services as engine
 from escalation.models import TargetKind
 from incidents import services
+from incidents.ingestion import intake
 from incidents.models import Alert, EventKind, Incident, IncidentStatus
 from tests.escalation.factories import ContactMethodFactory, PersonFactory, PolicyFactory, step
 from tests.incidents.factories import (
@@ -749,7 +750,8 @@ def fire(client, token: str, *alerts: dict, group_key: str = '{}:{alertname="X"}
         alertmanager_body(*alerts, group_key=group_key),
         content_type="application/json",
     )
-    assert response.status_code == 200, response.content
+    assert response.status_code == 202, response.content
+    assert intake.deliveries_apply().applied == 1
 
 
 @pytest.fixture

@@ -1,0 +1,57 @@
+"""Helpers of the customer-notice tests: an SMTP server that drops the connection once a
+message's data arrived (`smtp_server_at` runs it like the `smtp_server` fixture of
+tests/escalation/conftest.py, which tests/incidents/conftest.py offers), and readers for
+what a server received. `smtp_server` is re-exported for modules that import it here."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from email.message import EmailMessage
+
+from tests.escalation.conftest import SMTPServer, smtp_server  # noqa: F401 - re-exported
+
+
+class DroppingSMTPServer(SMTPServer):
+    """Receives each message's data, records it, then drops the connection without
+    answering: the sender cannot know whether the message was delivered."""
+
+    async def handle_DATA(self, server, session, envelope) -> str:  # noqa: N802
+        await super().handle_DATA(server, session, envelope)
+        server.transport.abort()
+        return "250 never sent: the connection is gone"
+
+
+def smtp_server_at(server: SMTPServer, settings) -> Iterator[SMTPServer]:
+    """Start `server`, point Django's SMTP settings at it, stop it afterwards: the body of
+    an `smtp_server`-like fixture for a server class of one's own."""
+    server.start()
+    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
+    settings.EMAIL_HOST = server.host
+    settings.EMAIL_PORT = server.port
+    settings.EMAIL_USE_TLS = False
+    settings.EMAIL_USE_SSL = False
+    settings.EMAIL_HOST_USER = ""
+    settings.EMAIL_HOST_PASSWORD = ""
+    settings.EMAIL_TIMEOUT = 5
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def parts(message: EmailMessage) -> tuple[str, str]:
+    """The plain-text and the HTML part of a received message."""
+    text = message.get_body(preferencelist=("plain",))
+    html = message.get_body(preferencelist=("html",))
+    assert text is not None, "a plain-text part expected"
+    assert html is not None, "an HTML part expected"
+    return text.get_content(), html.get_content()
+
+
+def link(message: EmailMessage, path: str) -> str:
+    """The path of the first link to `path` (e.g. "/status/confirm/") in the text part."""
+    text = message.get_body(preferencelist=("plain",)).get_content()
+    match = re.search(rf"https?://[^/\s]+({re.escape(path)}[^\s]+)", text)
+    assert match, f"no {path} link in:\n{text}"
+    return match.group(1)
