@@ -21,6 +21,8 @@ from django.utils import timezone
 from escalation.models import Team
 
 from . import services
+from .comms.maintenance import maintenance_schedule
+from .comms.updates import status_update_post
 from .defaults import ensure_groups, ensure_roles
 from .models import (
     AlertRoute,
@@ -29,6 +31,7 @@ from .models import (
     IncidentStatus,
     Integration,
     IntegrationKind,
+    MaintenanceWindow,
     Role,
     Runbook,
     Service,
@@ -181,6 +184,8 @@ class DemoIncident:
     commander: str | None = None
     notes: tuple[str, ...] = ()
     is_drill: bool = False
+    # What the status page says, a few minutes after detection (empty: nothing public).
+    public_update: str = ""
 
 
 M = timedelta(minutes=1)
@@ -197,6 +202,7 @@ INCIDENTS = [
         Impact.DEGRADED,
         "alice",
         ("Token cache hit rate fell to 40% after the 14:00 deploy.",),
+        public_update="Signing in is slower than usual. We are investigating.",
     ),
     DemoIncident(
         "Primary database replica lag 15 min",
@@ -207,6 +213,7 @@ INCIDENTS = [
         Impact.PARTIAL_OUTAGE,
         "carol",
         ("Replica disk IOPS saturated; failing reads over to the primary.",),
+        public_update="Some pages may show data that is a few minutes old.",
     ),
     DemoIncident(
         "Search results missing images",
@@ -240,6 +247,7 @@ INCIDENTS = [
         Impact.MAJOR_OUTAGE,
         "carol",
         ("Provider confirmed a regional outage on their side.",),
+        public_update="Card payments are failing. We are working with our payment provider.",
     ),
     DemoIncident(
         "Password reset emails not sent",
@@ -321,6 +329,7 @@ def load_demo(*, now: datetime | None = None, out: TextIO | None = None) -> dict
         "runbooks": 0,
         "alert routes": 0,
         "integrations": 0,
+        "maintenance windows": 0,
     }
 
     for values in SEVERITIES:
@@ -412,8 +421,38 @@ def load_demo(*, now: datetime | None = None, out: TextIO | None = None) -> dict
                 actor=holder or admin_user,
                 now=min(now, detected + demo.age * index / 4),
             )
+        if demo.public_update:
+            status_update_post(
+                incident=incident,
+                body=demo.public_update,
+                public=True,
+                actor=holder or admin_user,
+                now=min(now, detected + 3 * M),
+            )
         created["incidents"] += 1
+    _load_maintenance(service_map, admin_user, created, now)
     return created
+
+
+DEMO_MAINTENANCE = "Database upgrade to PostgreSQL 17"
+
+
+def _load_maintenance(service_map, actor, created: dict[str, int], now: datetime) -> None:
+    """One maintenance window two days ahead, shown on the status page (not announced: the
+    demo has no subscribers)."""
+    if MaintenanceWindow.objects.filter(title=DEMO_MAINTENANCE).exists():
+        return
+    starts = (now + timedelta(days=2)).replace(hour=2, minute=0, second=0, microsecond=0)
+    maintenance_schedule(
+        title=DEMO_MAINTENANCE,
+        description="The database is upgraded; the API may answer slowly for a few minutes.",
+        service_ids=[service_map["database"].pk, service_map["api"].pk],
+        starts_at=starts,
+        ends_at=starts + timedelta(hours=1),
+        actor=actor,
+        now=now,
+    )
+    created["maintenance windows"] = created.get("maintenance windows", 0) + 1
 
 
 def _load_alerting(team, severities, created: dict[str, int], out: TextIO) -> None:
