@@ -827,3 +827,12 @@ def test_a_delivery_to_an_open_incident_costs_the_same_queries_at_any_size(
     with django_assert_max_num_queries(13):
         assert intake.deliveries_apply().applied == 1
     assert Alert.objects.get(fingerprint="q0").count == 2
+
+
+def test_a_webhook_answers_405_to_other_methods_and_stores_nothing(client):
+    _, token = integration()
+    response = client.get(am_url(token))
+    assert response.status_code == 405
+    assert response["Allow"] == "POST"
+    assert "not allowed" in response.json()["detail"]
+    assert AlertDelivery.objects.count() == 0
