@@ -313,6 +313,8 @@ def test_a_schema_error_is_400_naming_the_field_and_nothing_is_stored(client, bo
         (b'{"version": "4", "alerts": [], "x": 1e999}', "number"),
         (b'{"version": "4", "alerts": [], "x": ' + b"9" * 5000 + b"}", "number"),
         (b'{"version": "4", "alerts": [], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "deep"),
+        # Deeper than MAX_DEPTH though well within what the JSON decoder accepts.
+        (b'{"version": "4", "alerts": [], "x": ' + b"[" * 40 + b"]" * 40 + b"}", "deep"),
     ],
 )
 def test_malformed_json_is_400_and_nothing_is_stored(client, raw, reason):
