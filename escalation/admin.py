@@ -10,6 +10,7 @@ over prefetched members and overrides (no per-row queries).
 from __future__ import annotations
 
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from django import forms
 from django.contrib import admin
@@ -44,6 +45,20 @@ def _when(rotation: Rotation, at: datetime) -> str:
 
 
 # --- teams -----------------------------------------------------------------------------------
+
+
+def mask_webhook_url(url: str) -> str:
+    """Scheme and host of a webhook URL, the rest (its secret path, query, credentials)
+    replaced by an ellipsis: "https://hooks.slack.com/…". "—" when there is none."""
+    if not url:
+        return "—"
+    parts = urlsplit(url)
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{port}/…" if parts.scheme and host else "…"
 
 
 class TeamAdminForm(forms.ModelForm):
@@ -105,6 +120,24 @@ class TeamAdmin(admin.ModelAdmin):
     prepopulated_fields = {"slug": ["name"]}
     filter_horizontal = ["members"]
     readonly_fields = ["oncall_display"]
+
+    # The webhook URL is a credential (whoever has it can post to the channel): only those
+    # who may change the team see it; everyone else sees where it goes, not the secret part.
+    def get_fields(self, request, obj=None):
+        fields = [f for f in super().get_fields(request, obj) if f != "chat_webhook_masked"]
+        if self.has_change_permission(request, obj):
+            return fields
+        return ["chat_webhook_masked" if f == "chat_webhook_url" else f for f in fields]
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if not self.has_change_permission(request, obj):
+            fields.append("chat_webhook_masked")
+        return fields
+
+    @admin.display(description="Chat webhook URL")
+    def chat_webhook_masked(self, obj: Team) -> str:
+        return mask_webhook_url(obj.chat_webhook_url)
 
     def get_queryset(self, request):
         return (

@@ -20,11 +20,11 @@ from typing import Any
 from django.conf import settings
 from django.core import signing
 from django.db import IntegrityError, transaction
-from django.db.models import F, Min, Q
+from django.db.models import Exists, F, Min, OuterRef, Q
 from django.urls import reverse
 from django.utils import timezone
 
-from incidents.models import OPEN_STATUSES, EventKind, Incident, IncidentStatus
+from incidents.models import OPEN_STATUSES, Alert, EventKind, Incident, IncidentStatus
 from incidents.services import timeline_record
 
 from .models import (
@@ -262,8 +262,8 @@ MAINTENANCE_RECHECK = timedelta(minutes=1)
 
 @dataclass(frozen=True)
 class Silence:
-    """The running maintenance window that silences an incident, and which of the
-    incident's services it covers."""
+    """The running maintenance window that silences an incident, and the incident's
+    services (all of which it covers)."""
 
     window_id: int
     title: str
@@ -275,33 +275,52 @@ class Silence:
 
 
 def silences_for(incident_ids: list[int], *, now: datetime) -> dict[int, Silence]:
-    """The incidents among `incident_ids` that a running maintenance window covers (one of
-    their services is in it), each with the window that ends last. At most two queries,
-    whatever the number of incidents: the running windows' services, and, if there are
-    any, which of those services the incidents have."""
+    """The incidents among `incident_ids` that a running maintenance window silences, each
+    with the window that ends last. A window silences an incident only when all hold:
+
+    - the incident was opened by an alert: nobody declared it (`declared_by` is None) and
+      it has alerts. An incident a person declared is paged as usual: they want help;
+    - it was detected inside the window (`starts_at <= detected_at < ends_at`): an incident
+      already running when the window began keeps escalating;
+    - the window covers every one of the incident's services (it has at least one): an
+      incident that also touches a service outside the window is not planned work.
+
+    At most two queries, whatever the number of incidents: the running windows with their
+    services and, if there are any, the candidates' services (with their detection time)."""
     from incidents.comms.maintenance import windows_active
 
     if not incident_ids:
         return {}
-    by_service: dict[int, list[tuple[int, str, datetime, str]]] = {}
-    for window_id, title, ends_at, service_id, service_name in (
+    windows: dict[int, tuple[str, datetime, datetime, set[int]]] = {}
+    for window_id, title, starts_at, ends_at, service_id in (
         windows_active(now=now)
         .filter(services__isnull=False)
-        .values_list("pk", "title", "ends_at", "services__id", "services__name")
+        .values_list("pk", "title", "starts_at", "ends_at", "services__id")
     ):
-        by_service.setdefault(service_id, []).append((window_id, title, ends_at, service_name))
-    if not by_service:
+        windows.setdefault(window_id, (title, starts_at, ends_at, set()))[3].add(service_id)
+    if not windows:
         return {}
-    covering: dict[int, list[tuple[int, str, datetime, str]]] = {}
-    for incident_id, service_id in Incident.services.through.objects.filter(
-        incident_id__in=incident_ids, service_id__in=list(by_service)
-    ).values_list("incident_id", "service_id"):
-        covering.setdefault(incident_id, []).extend(by_service[service_id])
+    candidates: dict[int, tuple[datetime, dict[int, str]]] = {}
+    for incident_id, detected_at, service_id, service_name in (
+        Incident.services.through.objects.filter(
+            incident_id__in=incident_ids, incident__declared_by__isnull=True
+        )
+        .filter(Exists(Alert.objects.filter(incident_id=OuterRef("incident_id"))))
+        .values_list("incident_id", "incident__detected_at", "service_id", "service__name")
+    ):
+        candidates.setdefault(incident_id, (detected_at, {}))[1][service_id] = service_name
     silences = {}
-    for incident_id, windows in covering.items():
-        window_id, title, ends_at, _ = max(windows, key=lambda w: (w[2], w[0]))
-        names = sorted({w[3] for w in windows if w[0] == window_id})
-        silences[incident_id] = Silence(window_id, title, ends_at, tuple(names))
+    for incident_id, (detected_at, services) in candidates.items():
+        covering = [
+            (ends_at, window_id, title)
+            for window_id, (title, starts_at, ends_at, covered) in windows.items()
+            if starts_at <= detected_at < ends_at and services.keys() <= covered
+        ]
+        if covering:
+            ends_at, window_id, title = max(covering)
+            silences[incident_id] = Silence(
+                window_id, title, ends_at, tuple(sorted(services.values()))
+            )
     return silences
 
 
@@ -361,7 +380,8 @@ def _silence_one(incident: Incident, silence: Silence, now: datetime) -> None:
 def escalate_due(*, now: datetime | None = None, batch: int = BATCH) -> int:
     """Fire every escalation step due by `now` (one step per incident per call), in due
     order. Safe to run concurrently: rows are claimed with skip_locked and advanced with a
-    compare-and-set. An incident covered by a running maintenance window pages nobody: its
+    compare-and-set. An incident a running maintenance window silences (`silences_for`: opened
+    by an alert during the window, on the window's services only) pages nobody: its
     step is held until the window ends (the timeline says why, once per window). Returns
     the number of pages created."""
     now = now or timezone.now()
@@ -609,7 +629,7 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
     Claims the row (pending -> sending) in a short transaction, sends outside any
     transaction, then records the attempt and the outcome. A page that is not pending is
     left alone; a page whose incident no longer needs it is cancelled, never sent.
-    A page whose incident a running maintenance window covers stays pending until the
+    A page whose incident a running maintenance window silences stays pending until the
     window ends ("held").
     Returns the outcome: sent, retry, backup, failed, cancelled, held or skipped."""
     from .channels import DeliveryError, compose_page, send
@@ -636,8 +656,9 @@ def page_deliver(*, page_id: int, now: datetime | None = None) -> str:
             return "cancelled"
         silence = _silences_or_none([page.incident_id], now=now).get(page.incident_id)
         if silence is not None:
-            # A maintenance window began after this page was made (a retry, a backup
-            # method): it waits, pending, until the window ends.
+            # A window that silences the incident was scheduled after this page was made
+            # (a window's start may be typed a few minutes back): a retry or a backup
+            # method waits, pending, until the window ends.
             Page.objects.filter(pk=page.pk, status=PageStatus.PENDING).update(
                 next_attempt_at=silence.resume_at(now), enqueued_at=None
             )

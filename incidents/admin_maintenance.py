@@ -39,8 +39,9 @@ class MaintenanceWindowForm(forms.ModelForm):
         fields = FORM_FIELDS
         help_texts = {
             "starts_at": "UTC unless your admin time zone says otherwise.",
-            "services": "Only public services show on the status page and in announcements; "
-            "paging is silenced for all of them while the window runs.",
+            "services": "Only public services show on the status page and in announcements. "
+            "While the window runs, an incident that alerts open on these services only is "
+            "not paged; incidents a person declares always are.",
         }
 
     def clean(self):

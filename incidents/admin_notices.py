@@ -258,6 +258,19 @@ class CustomerNoticeAdmin(ReadOnlyFormMixin, admin.ModelAdmin):
     def get_changelist(self, request, **kwargs):
         return NoticeChangeList
 
+    def get_fields(self, request, obj=None):
+        fields = list(super().get_fields(request, obj))
+        if not notices.may_see_addresses(request.user):
+            # The failed/unknown table lists customers' addresses.
+            fields.remove("problems_display")
+        return fields
+
+    def get_readonly_fields(self, request, obj=None):
+        fields = list(super().get_readonly_fields(request, obj))
+        if not notices.may_see_addresses(request.user):
+            fields.remove("problems_display")
+        return fields
+
     def has_delete_permission(self, request, obj=None):
         # Only drafts: a sent notice is part of the record.
         if obj is not None and obj.status != NoticeStatus.DRAFT:
@@ -513,7 +526,8 @@ class NoticeDeliveryAdmin(admin.ModelAdmin):
 
     @admin.display(description="sent at")
     def sent_display(self, obj: NoticeDelivery):
-        # While sending, `sent_at` holds when the attempt started: not a sending time.
+        # While sending, `sent_at` holds when the attempt started, and while pending after a
+        # failed attempt when the next one is due: neither is a sending time.
         return obj.sent_at if obj.status == DeliveryState.SENT else "-"
 
     @admin.display(description="error")

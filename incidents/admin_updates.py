@@ -20,7 +20,12 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from .comms.templates import message_template_make_default, template_preview, template_validate
+from .comms.templates import (
+    audience_for,
+    message_template_make_default,
+    template_preview,
+    template_validate,
+)
 from .comms.updates import MAX_UPDATE_LENGTH, status_update_post
 from .exceptions import DomainError, InvalidInput
 from .formatting import humanize_duration
@@ -40,10 +45,12 @@ class MessageTemplateForm(forms.ModelForm):
 
     def clean(self):
         data = super().clean()
-        subject, body = data.get("subject"), data.get("body")
+        subject, body, kind = data.get("subject"), data.get("body"), data.get("kind")
         if subject is not None and body is not None:
             try:
-                template_validate(subject=subject, body=body)
+                # A customer-facing template is checked against what customers may be told.
+                audience = audience_for(kind) if kind else None
+                template_validate(subject=subject, body=body, audience=audience)
             except InvalidInput as error:
                 field = error.field if error.field in {"subject", "body"} else None
                 self.add_error(field, str(error).removeprefix(f"{error.field}: "))

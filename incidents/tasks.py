@@ -95,6 +95,32 @@ def send_subscriber_confirmation(self, subscriber_id: int) -> bool:
 
 
 @shared_task(
+    name="incidents.send_subscription_change",
+    bind=True,
+    ignore_result=True,
+    acks_late=True,
+    max_retries=4,
+    soft_time_limit=60,
+    time_limit=90,
+)
+def send_subscription_change(
+    self, subscriber_id: int, service_ids: list[int], all_services: bool
+) -> bool:
+    """Mail an active subscriber the link confirming the services it asked to add; retried
+    with backoff on a temporary mail failure. A duplicate is harmless: the change is
+    idempotent."""
+    from .comms import notices
+
+    try:
+        return notices.subscriber_send_change(
+            subscriber_id=subscriber_id, service_ids=service_ids, all_services=all_services
+        )
+    except notices.RetryLater as error:
+        countdown = min(600, 30 * 2**self.request.retries)
+        raise self.retry(exc=error, countdown=countdown) from error
+
+
+@shared_task(
     name="incidents.deliver_notice_batch",
     ignore_result=True,
     acks_late=True,

@@ -4,7 +4,8 @@
   with its deliveries counted by state. Any authenticated user.
 - `GET /api/v1/notices/<id>/`: one notice.
 - `GET /api/v1/notices/<id>/deliveries/`: one row per recipient. These carry customers'
-  email addresses: staff, or users with `incidents.view_noticedelivery`, only.
+  email addresses: users with `incidents.view_noticedelivery` (and superusers) only, the
+  admin's rule too. Being staff is not enough: every admin user, Viewers included, is staff.
 
 Notices are composed and sent in the admin.
 """
@@ -22,8 +23,9 @@ from rest_framework.response import Response
 
 from config.api import CursorPagination
 
+from ..comms.notices import may_see_addresses
 from ..models import CustomerNotice, DeliveryState, Incident, NoticeDelivery, NoticeStatus
-from .permissions import is_staff, refusal
+from .permissions import refusal
 
 
 class NoticeFilter(django_filters.FilterSet):
@@ -82,7 +84,8 @@ class NoticeSerializer(serializers.ModelSerializer):
 
 class DeliverySerializer(serializers.ModelSerializer):
     sent_at = serializers.SerializerMethodField(
-        help_text="When the mail server accepted the message; null unless sent."
+        help_text="When the mail server accepted the message; null unless sent (the column "
+        "holds other times in other states)."
     )
 
     class Meta:
@@ -92,7 +95,8 @@ class DeliverySerializer(serializers.ModelSerializer):
 
     @extend_schema_field(OpenApiTypes.DATETIME)
     def get_sent_at(self, delivery: NoticeDelivery):
-        # While sending, the column holds when the attempt started: not a sending time.
+        # While sending, the column holds when the attempt started, and while pending after
+        # a failed attempt when the next one is due: neither is a sending time.
         if delivery.status != DeliveryState.SENT or delivery.sent_at is None:
             return None
         return serializers.DateTimeField().to_representation(delivery.sent_at)
@@ -100,8 +104,7 @@ class DeliverySerializer(serializers.ModelSerializer):
 
 class CanViewDeliveries(BasePermission):
     message = refusal(
-        "Deliveries list customers' addresses: staff, or users with "
-        "incidents.view_noticedelivery, only.",
+        "Deliveries list customers' addresses: users with incidents.view_noticedelivery only.",
         "missing_permission",
     )
 
@@ -111,7 +114,7 @@ class CanViewDeliveries(BasePermission):
             return False
         if view.action != "deliveries":
             return True
-        return is_staff(user) or user.has_perm("incidents.view_noticedelivery")
+        return may_see_addresses(user)
 
 
 class NoticePagination(CursorPagination):

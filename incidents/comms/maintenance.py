@@ -5,8 +5,11 @@ Rules (docs/status-page.md):
 
 - a window ends after it starts, lasts at most MAX_WINDOW, and is not scheduled in the
   past (a start up to START_GRACE ago is taken as "now", so "from now" can be typed);
+- its title is one line without control characters (it is an email subject; the same
+  check as a customer notice's subject);
 - it names at least one service. Non-public services are allowed, because a window also
-  silences paging for its services' alerts and internal systems need that too; the status
+  silences paging for incidents its services' alerts open while it runs
+  (`escalation.services.silences_for`), and internal systems need that too; the status
   page and the announcement show only its public services, and a window without any
   public service is refused for announcement (there is nobody to tell);
 - a window that ended or was cancelled is history and cannot change; a running window
@@ -29,7 +32,9 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from incidents.exceptions import InvalidInput
-from incidents.models import Incident, MaintenanceWindow, Service, TemplateKind
+from incidents.models import MaintenanceWindow, Service, TemplateKind
+
+from .notices import _header_problem
 
 Actor = AbstractBaseUser | None
 
@@ -64,23 +69,6 @@ def windows_active(*, now: datetime) -> QuerySet[MaintenanceWindow]:
     )
 
 
-def service_ids_in_maintenance(*, now: datetime) -> set[int]:
-    return set(
-        windows_active(now=now).values_list("services__id", flat=True).exclude(services__id=None)
-    )
-
-
-def incident_window(incident: Incident, *, now: datetime) -> MaintenanceWindow | None:
-    """The running window that covers one of the incident's services, if any: while it runs
-    the incident pages nobody."""
-    return (
-        windows_active(now=now)
-        .filter(services__incidents=incident)
-        .order_by("starts_at", "pk")
-        .first()
-    )
-
-
 # --- validation ------------------------------------------------------------------------------
 
 
@@ -98,8 +86,12 @@ def _text(field: str, value: Any, *, required: bool, max_length: int, one_line: 
         raise InvalidInput(field, "may not be blank.")
     if len(value) > max_length:
         raise InvalidInput(field, f"is {len(value)} characters long; at most {max_length}.")
-    if one_line and ("\r" in value or "\n" in value):
-        raise InvalidInput(field, "must be one line (no CR or LF): it goes in email subjects.")
+    if one_line:
+        # The announcement's subject check, applied when the window is saved, so a title
+        # that could never be announced is refused at once.
+        problem = _header_problem(value)
+        if problem:
+            raise InvalidInput(field, f"{problem.removesuffix('.')}: it goes in email subjects.")
     return value
 
 

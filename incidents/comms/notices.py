@@ -3,7 +3,8 @@ their per-recipient deliveries (docs/notices.md).
 
 Subscribing is public and anonymous, so it says nothing about who is subscribed: a new, a
 pending and an already confirmed address get the same answer. Nothing but the confirmation
-email goes to an address before its owner follows the signed, expiring link in it.
+email goes to an address before its owner follows the signed, expiring link in it, and a
+confirmed subscription widens only through such a link too (the change is signed into it).
 
 Deliveries are an outbox. `notice_send` turns a draft into one `NoticeDelivery` row per
 recipient, each with a Message-ID fixed from (notice, subscriber), and queues batch tasks on
@@ -15,13 +16,16 @@ subscriber may have it already. `notices_sweep` (beat) marks rows left in `sendi
 dead worker as unknown, queues again what a lost task left pending, and closes finished
 notices.
 
-While a row is `sending`, its `sent_at` holds when the attempt started (the stuck-send
-sweep reads it); once sent, when the mail server accepted the message; otherwise it is
-empty. The API and the admin show it for sent rows only.
+`sent_at` of a delivery depends on its state: while `sending`, when the attempt started
+(the stuck-send sweep reads it); once `sent`, when the mail server accepted the message;
+while `pending` after a failed attempt (`attempts > 0`), when the next attempt is due (no
+batch claims the row before then, and the sweep queues a batch only for rows that are
+due); otherwise empty. The API and the admin show it for sent rows only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -37,6 +41,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core import signing
+from django.core.cache import cache
 from django.core.exceptions import ValidationError
 from django.core.mail import EmailMultiAlternatives, get_connection
 from django.core.mail.backends.smtp import EmailBackend as SMTPBackend
@@ -65,7 +70,7 @@ from incidents.models import (
 )
 from incidents.services import timeline_record
 
-from .templates import render_message
+from .templates import CUSTOMERS, render_message, responder_names, template_source
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +96,17 @@ DEFAULTS: dict[str, Any] = {
     "NOTICE_REQUEUE_AFTER": 300.0,
     # Also offer `mailto:` in List-Unsubscribe when set (an address that handles it).
     "NOTICE_UNSUBSCRIBE_MAILTO": "",
+    # Subscribe requests (POSTs of the public form) one client address may make per hour;
+    # 0 turns the throttle off. The address is REMOTE_ADDR: behind a proxy, set it from the
+    # proxy's header (docs/notices.md).
+    "SUBSCRIBE_THROTTLE_PER_HOUR": 20,
 }
 # Sent rows are recorded in groups of this many (and at the end of a batch): a worker that
 # dies leaves at most this many sent messages recorded as unknown.
 SENT_FLUSH = 20
+# A batch re-reads its subscribers' state before each group of this many messages, so one
+# who unsubscribes during a batch is dropped within a group (one query per group).
+RECHECK_EVERY = 20
 SWEEP_LIMIT = 1000
 MODES = ("first", "retry", "any")
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f\u2028\u2029]")
@@ -174,8 +186,10 @@ def subscriber_subscribe(
 
     A new, a not yet confirmed or an unsubscribed address gets a confirmation email (queued
     on commit; at most once per SUBSCRIBE_RESEND_AFTER) and receives nothing else until it
-    is confirmed. A confirmed address keeps its identity and gains the services asked for.
-    The caller answers the same whatever happened here. One transaction."""
+    is confirmed. A confirmed address is left as it is: what it would gain is signed into
+    a confirmation link mailed to it (same queue, same rate limit), and applied only when
+    that link is confirmed. The caller answers the same whatever happened here. One
+    transaction."""
     now = now or timezone.now()
     address = clean_email(email)
     services = public_services("services", service_ids)
@@ -183,6 +197,9 @@ def subscriber_subscribe(
         raise InvalidInput("services", "choose at least one service, or all services.")
     with transaction.atomic():
         subscriber, _created = _lock_or_create(address, now)
+        if subscriber.is_active:
+            _request_change(subscriber, services, bool(all_services), now)
+            return subscriber
         if subscriber.unsubscribed_at is not None:
             # Subscribing again after leaving: what is asked now replaces what was asked
             # before, and it takes effect only once confirmed again.
@@ -192,12 +209,60 @@ def subscriber_subscribe(
             subscriber.services.add(*services)
             subscriber.all_services = subscriber.all_services or bool(all_services)
         fields = ["all_services"]
-        if not subscriber.is_active and _may_send_confirmation(subscriber, now):
+        if _may_send_confirmation(subscriber, now):
             subscriber.confirmation_sent_at = now
             fields.append("confirmation_sent_at")
             transaction.on_commit(partial(_enqueue_confirmation, subscriber.pk))
         subscriber.save(update_fields=fields)
     return subscriber
+
+
+def _request_change(
+    subscriber: Subscriber, services: list[Service], all_services: bool, now: datetime
+) -> None:
+    """An active subscriber asked for more: mail the change to the address for confirmation
+    (nothing changes now). Nothing new asked, or a confirmation sent too recently: nothing
+    is sent."""
+    if subscriber.all_services:
+        return
+    followed = set(subscriber.services.values_list("pk", flat=True))
+    add = sorted(service.pk for service in services if service.pk not in followed)
+    if not add and not all_services:
+        return
+    if not _may_send_confirmation(subscriber, now):
+        return
+    subscriber.confirmation_sent_at = now
+    subscriber.save(update_fields=["confirmation_sent_at"])
+    transaction.on_commit(partial(_enqueue_change, subscriber.pk, add, all_services))
+
+
+def _enqueue_change(subscriber_id: int, service_ids: list[int], all_services: bool) -> None:
+    from incidents.tasks import send_subscription_change
+
+    try:
+        send_subscription_change.delay(subscriber_id, service_ids, all_services)
+    except Exception:  # noqa: BLE001 - the broker is down; subscribing again re-sends it
+        logger.warning("could not queue the change confirmation of subscriber %s", subscriber_id)
+
+
+def subscribe_throttle_allows(*, client_ip: str, now: datetime | None = None) -> bool:
+    """Count one subscribe request from `client_ip` in this hour's window; False once
+    SUBSCRIBE_THROTTLE_PER_HOUR is passed. Keyed by a hash of the address (the cache holds
+    no addresses). A cache that cannot be reached lets the request through, like the alert
+    webhook's throttle: the confirmation's own rate limit still holds."""
+    limit = setting("SUBSCRIBE_THROTTLE_PER_HOUR")
+    if not limit:
+        return True
+    now = now or timezone.now()
+    digest = hashlib.sha256(f"{settings.SECRET_KEY}:{client_ip}".encode()).hexdigest()[:32]
+    key = f"subscribe-throttle:{digest}:{int(now.timestamp() // 3600)}"
+    try:
+        cache.add(key, 0, timeout=2 * 3600)
+        count = cache.incr(key)
+    except Exception:  # noqa: BLE001 - fail open, see above
+        logger.warning("subscribe throttle cache unavailable; not counting", exc_info=True)
+        return True
+    return count <= limit
 
 
 def _may_send_confirmation(subscriber: Subscriber, now: datetime) -> bool:
@@ -216,19 +281,27 @@ def _enqueue_confirmation(subscriber_id: int) -> None:
         logger.warning("could not queue the confirmation of subscriber %s", subscriber_id)
 
 
-def confirmation_token(subscriber: Subscriber) -> str:
+def confirmation_token(
+    subscriber: Subscriber, *, add: Sequence[int] = (), all_services: bool = False
+) -> str:
     """A signed, expiring token for `subscriber`'s confirmation link. It carries when the
-    confirmation was sent, so a link older than an unsubscribe cannot undo it."""
+    confirmation was sent, so a link older than an unsubscribe cannot undo it. For an
+    active subscriber it also carries the change asked for (`add`, `all_services`): the
+    link applies that change and nothing else."""
     sent = subscriber.confirmation_sent_at or subscriber.created_at
-    return signing.dumps(
-        {"id": subscriber.pk, "email": subscriber.email, "sent": sent.timestamp()},
-        salt=CONFIRM_SALT,
-        compress=True,
-    )
+    payload: dict[str, Any] = {"id": subscriber.pk, "email": subscriber.email}
+    payload["sent"] = sent.timestamp()
+    if add or all_services:
+        payload["add"] = [int(pk) for pk in add]
+        payload["all"] = bool(all_services)
+    return signing.dumps(payload, salt=CONFIRM_SALT, compress=True)
 
 
-def confirm_url(subscriber: Subscriber) -> str:
-    return settings.SITE_URL + reverse("subscribe:confirm", args=[confirmation_token(subscriber)])
+def confirm_url(
+    subscriber: Subscriber, *, add: Sequence[int] = (), all_services: bool = False
+) -> str:
+    token = confirmation_token(subscriber, add=add, all_services=all_services)
+    return settings.SITE_URL + reverse("subscribe:confirm", args=[token])
 
 
 def unsubscribe_url(token: str) -> str:
@@ -248,21 +321,61 @@ def _confirmation_payload(token: str) -> dict[str, Any]:
         raise InvalidInput("token", "this confirmation link is not valid.") from error
     if not isinstance(payload, dict) or not {"id", "email", "sent"} <= set(payload):
         raise InvalidInput("token", "this confirmation link is not valid.")
+    if "add" in payload and not (
+        isinstance(payload["add"], list) and all(isinstance(pk, int) for pk in payload["add"])
+    ):
+        raise InvalidInput("token", "this confirmation link is not valid.")
     return payload
 
 
-def subscriber_for_confirmation(token: str) -> Subscriber:
-    """The subscriber a confirmation link names (read only), or InvalidInput("token")."""
+@dataclass(frozen=True)
+class Confirmation:
+    """What a confirmation link asks (read only): to confirm a new subscription, or
+    (`change`) to add `services` to an active one."""
+
+    subscriber: Subscriber
+    change: bool
+    services: list[str]
+
+
+def _change_names(payload: dict[str, Any]) -> list[str]:
+    if payload.get("all"):
+        return ["All services, now and later"]
+    ids = payload.get("add", [])
+    return list(
+        Service.objects.filter(pk__in=ids, is_public=True)
+        .order_by("name")
+        .values_list("name", flat=True)
+    )
+
+
+def confirmation_for(token: str) -> Confirmation:
+    """What a confirmation link names (read only), or InvalidInput("token")."""
     payload = _confirmation_payload(token)
     subscriber = Subscriber.objects.filter(pk=payload["id"], email=payload["email"]).first()
     if subscriber is None:
         raise InvalidInput("token", "this confirmation link is not valid.")
-    return subscriber
+    if "add" in payload:
+        return Confirmation(subscriber, True, _change_names(payload))
+    return Confirmation(subscriber, False, subscriber_service_names(subscriber))
+
+
+def subscriber_for_confirmation(token: str) -> Subscriber:
+    """The subscriber a confirmation link names (read only), or InvalidInput("token")."""
+    return confirmation_for(token).subscriber
+
+
+def subscriber_service_names(subscriber: Subscriber) -> list[str]:
+    if subscriber.all_services:
+        return ["All services"]
+    return list(subscriber.services.order_by("name").values_list("name", flat=True))
 
 
 def subscriber_confirm(*, token: str, now: datetime | None = None) -> Subscriber:
-    """Confirm the address a signed link names; idempotent (an active subscriber is left as
-    is). A bad, expired or superseded link is InvalidInput("token"). One transaction."""
+    """Confirm what a signed link names: a new subscription (idempotent: an active
+    subscriber is left as is), or a change an active subscriber asked for (its services
+    added, idempotent). A bad, expired or superseded link is InvalidInput("token"). One
+    transaction."""
     now = now or timezone.now()
     payload = _confirmation_payload(token)
     with transaction.atomic():
@@ -273,6 +386,8 @@ def subscriber_confirm(*, token: str, now: datetime | None = None) -> Subscriber
         )
         if subscriber is None:
             raise InvalidInput("token", "this confirmation link is not valid.")
+        if "add" in payload:
+            return _apply_change(subscriber, payload)
         if subscriber.is_active:
             return subscriber
         left = subscriber.unsubscribed_at
@@ -285,6 +400,25 @@ def subscriber_confirm(*, token: str, now: datetime | None = None) -> Subscriber
         subscriber.confirmed_at = now
         subscriber.unsubscribed_at = None
         subscriber.save(update_fields=["confirmed_at", "unsubscribed_at"])
+    return subscriber
+
+
+def _apply_change(subscriber: Subscriber, payload: dict[str, Any]) -> Subscriber:
+    """Add what a change link carries to an active subscription (locked by the caller).
+    Refused when the subscription it was sent for is gone: unsubscribed since, or confirmed
+    again after it (a new subscription)."""
+    sent = float(payload["sent"])
+    confirmed = subscriber.confirmed_at
+    if not subscriber.is_active or (confirmed is not None and confirmed.timestamp() > sent):
+        raise InvalidInput(
+            "token",
+            "this link was sent for a subscription that has ended; subscribe again for a new one.",
+        )
+    services = Service.objects.filter(pk__in=payload["add"], is_public=True)
+    subscriber.services.add(*services)
+    if payload.get("all") and not subscriber.all_services:
+        subscriber.all_services = True
+        subscriber.save(update_fields=["all_services"])
     return subscriber
 
 
@@ -336,33 +470,77 @@ def subscriber_send_confirmation(*, subscriber_id: int) -> bool:
     return True
 
 
-def confirmation_message(subscriber: Subscriber) -> EmailMultiAlternatives:
-    site = one_line(settings.SITE_NAME, 100)
-    url = confirm_url(subscriber)
-    days = max(1, round(setting("SUBSCRIBE_CONFIRM_MAX_AGE") / 86400))
-    names = (
-        ["all services"]
-        if subscriber.all_services
-        else list(subscriber.services.order_by("name").values_list("name", flat=True))
+def subscriber_send_change(
+    *, subscriber_id: int, service_ids: Sequence[int], all_services: bool
+) -> bool:
+    """Mail an active subscriber the link that confirms the change it asked for (services
+    to add, or all services). False when there is nothing to confirm (gone, no longer
+    active, nothing public left to add) or the server refused the address for good; raises
+    RetryLater on a temporary failure. Sending it twice is harmless: the change is
+    idempotent."""
+    subscriber = Subscriber.objects.filter(pk=subscriber_id).first()
+    if subscriber is None or not subscriber.is_active:
+        return False
+    add = list(
+        Service.objects.filter(pk__in=list(service_ids), is_public=True)
+        .order_by("pk")
+        .values_list("pk", flat=True)
     )
+    if not add and not all_services:
+        return False
+    message = confirmation_message(subscriber, add=add, all_services=all_services)
+    try:
+        message.send(fail_silently=False)
+    except (smtplib.SMTPException, OSError) as error:
+        failure = classify(error, data_started=False)
+        if failure.permanent:
+            logger.warning("change to subscriber %s refused: %s", subscriber_id, failure)
+            return False
+        raise RetryLater(failure.reason) from error
+    return True
+
+
+def confirmation_message(
+    subscriber: Subscriber, *, add: Sequence[int] = (), all_services: bool = False
+) -> EmailMultiAlternatives:
+    """The confirmation email: of a new subscription, or (`add`, `all_services`) of what an
+    active subscriber asked to add."""
+    site = one_line(settings.SITE_NAME, 100)
+    change = bool(add) or all_services
+    url = confirm_url(subscriber, add=add, all_services=all_services)
+    days = max(1, round(setting("SUBSCRIBE_CONFIRM_MAX_AGE") / 86400))
+    if change:
+        names = _change_names({"add": list(add), "all": all_services})
+        asked = f"asked to add to the {site} notices this address gets"
+        action = "Confirm the change"
+    else:
+        names = subscriber_service_names(subscriber)
+        asked = f"asked for {site} notices at this address about"
+        action = "Confirm the subscription"
     text = (
-        f"Someone, probably you, asked for {site} notices at this address about: "
-        f"{', '.join(names)}.\n\nConfirm (the link works for {days} days):\n{url}\n\n"
-        "If it was not you, ignore this message: nothing more will be sent.\n"
+        f"Someone, probably you, {asked}: {', '.join(names)}.\n\n"
+        f"{action} (the link works for {days} days):\n{url}\n\n"
+        "If it was not you, ignore this message: nothing changes.\n"
     )
     html = format_html(
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{site}</title></head>\n'
-        "<body>\n<p>Someone, probably you, asked for {site} notices at this address about: "
-        '{names}.</p>\n<p><a href="{url}">Confirm the subscription</a> (the link works for '
-        "{days} days).</p>\n<p>If it was not you, ignore this message: nothing more will be "
-        "sent.</p>\n</body></html>\n",
+        "<body>\n<p>Someone, probably you, {asked}: {names}.</p>\n"
+        '<p><a href="{url}">{action}</a> (the link works for {days} days).</p>\n'
+        "<p>If it was not you, ignore this message: nothing changes.</p>\n</body></html>\n",
         site=site,
+        asked=asked,
         names=", ".join(names),
         url=url,
+        action=action,
         days=days,
     )
+    subject = (
+        f"Confirm the change to your {site} notices"
+        if change
+        else (f"Confirm your subscription to {site}")
+    )
     message = EmailMultiAlternatives(
-        subject=f"Confirm your subscription to {site}",
+        subject=subject,
         body=text,
         from_email=settings.DEFAULT_FROM_EMAIL,
         to=[subscriber.email],
@@ -370,6 +548,18 @@ def confirmation_message(subscriber: Subscriber) -> EmailMultiAlternatives:
     )
     message.attach_alternative(str(html), "text/html")
     return message
+
+
+def may_see_addresses(user) -> bool:
+    """Deliveries carry customers' email addresses: superusers and users with
+    `incidents.view_noticedelivery` only (the admin's and the API's rule). Being staff is
+    not enough: every admin user, Viewers included, is staff."""
+    return bool(
+        user
+        and user.is_authenticated
+        and user.is_active
+        and user.has_perm("incidents.view_noticedelivery")
+    )
 
 
 # --- composing and sending ------------------------------------------------------------------
@@ -399,10 +589,12 @@ def notice_compose(
     now: datetime | None = None,
 ) -> CustomerNotice:
     """A draft notice about an incident or a maintenance window: the template (else the
-    kind's default, else the built-in one) rendered now and kept as it will be sent. The
-    services default to the public services of the incident or window. Refuses, naming the
-    field: no or an unknown kind, neither or both subjects, a drill, no public service, a
-    template error, a subject that is not one line. No timeline event yet (at send)."""
+    kind's default, else the built-in one) rendered now, for customers whatever the kind,
+    and kept as it will be sent. The services default to the public services of the
+    incident or window. Refuses, naming the field: no or an unknown kind, neither or both
+    subjects, a drill, no public service, a template error, a template that names what only
+    responders see (`template`), a subject that is not one line. No timeline event yet (at
+    send)."""
     now = now or timezone.now()
     if kind not in TemplateKind.values:
         raise InvalidInput("kind", f"{str(kind)[:50]!r} is not a kind of message.")
@@ -420,8 +612,24 @@ def notice_compose(
         services = public_services("services", service_ids)
     if not services:
         raise InvalidInput("services", "no public service is affected: choose at least one.")
+    # Customers get the customer context whatever the kind: public services only, no
+    # reference, severity or internal status. A template naming those is refused rather
+    # than sent with blanks.
+    name, subject, body = template_source(kind, template)
+    for part, source in (("subject", subject), ("body", body)):
+        used = responder_names(part, source)
+        if used:
+            raise InvalidInput(
+                "template",
+                f"“{name}” uses {', '.join(used)}, which customers are not told: choose or "
+                "write a template for customers.",
+            )
     rendered = render_message(
-        kind=kind, template=template, incident=incident, maintenance=maintenance
+        kind=kind,
+        template=template,
+        incident=incident,
+        maintenance=maintenance,
+        audience=CUSTOMERS,
     )
     problem = _header_problem(rendered.subject)
     if problem:
@@ -730,10 +938,16 @@ class BatchReport:
         }
 
 
+def due(now: datetime) -> Q:
+    """Pending rows that may be tried at `now`: never tried, or past their backoff (a
+    pending row's `sent_at` is its next attempt; empty means at once)."""
+    return Q(attempts=0) | Q(sent_at__isnull=True) | Q(sent_at__lte=now)
+
+
 def _claim(notice_id: int, mode: str, size: int, now: datetime) -> list[int]:
     with transaction.atomic():
         pending = NoticeDelivery.objects.select_for_update(skip_locked=True).filter(
-            notice_id=notice_id, status=DeliveryState.PENDING
+            due(now), notice_id=notice_id, status=DeliveryState.PENDING
         )
         if mode == "first":
             pending = pending.filter(attempts=0)
@@ -750,12 +964,12 @@ def _claim(notice_id: int, mode: str, size: int, now: datetime) -> list[int]:
 def notice_deliver_batch(
     *, notice_id: int, mode: str = "first", now: datetime | None = None
 ) -> BatchReport:
-    """Claim up to NOTICE_BATCH_SIZE pending deliveries of a sending notice (`first`: never
-    tried; `retry`: waiting for another attempt; `any`) and send them over one SMTP
-    connection. Idempotent: only pending rows are claimed, so a task run twice, or
-    redelivered after a crash, sends nothing twice. Queues the retry of temporary failures
-    (with backoff) and the rest of an unfinished batch on commit; closes the notice when no
-    delivery is left to do."""
+    """Claim up to NOTICE_BATCH_SIZE pending deliveries of a sending notice that are due
+    (`first`: never tried; `retry`: past their backoff; `any`) and send them over one SMTP
+    connection; rows still waiting out their backoff are left alone. Idempotent: only
+    pending rows are claimed, so a task run twice, or redelivered after a crash, sends
+    nothing twice. Queues the retry of temporary failures (with backoff) and the rest of an
+    unfinished batch on commit; closes the notice when no delivery is left to do."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}")
     clock_injected = now is not None
@@ -784,17 +998,10 @@ def _send_claimed(
     rows = list(
         NoticeDelivery.objects.filter(pk__in=ids, status=DeliveryState.SENDING)
         .select_related("subscriber")
-        .only(
-            "pk",
-            "email",
-            "message_id",
-            "attempts",
-            "subscriber__unsubscribe_token",
-            "subscriber__confirmed_at",
-            "subscriber__unsubscribed_at",
-        )
+        .only("pk", "email", "message_id", "attempts", "subscriber__unsubscribe_token")
         .order_by("pk")
     )
+    active: set[int] = set()
     sent: list[int] = []
     retry_attempts: list[int] = []
 
@@ -817,8 +1024,13 @@ def _send_claimed(
             status, error = DeliveryState.PENDING, failure.reason
             retry_attempts.append(row.attempts)
             report.retry += 1
+        # A pending row's `sent_at` is when its next attempt is due (see the module's
+        # docstring); the other outcomes have no sending time.
+        next_at = stamp() + timedelta(seconds=_wait(backoff, row.attempts))
         NoticeDelivery.objects.filter(pk=row.pk, status=DeliveryState.SENDING).update(
-            status=status, error=error[:2000], sent_at=None
+            status=status,
+            error=error[:2000],
+            sent_at=next_at if status == DeliveryState.PENDING else None,
         )
 
     connection = _connection()
@@ -829,8 +1041,11 @@ def _send_claimed(
             if time.monotonic() - started > budget:
                 _release([r.pk for r in rows[index:]], notice.pk, mode, report)
                 break
+            if index % RECHECK_EVERY == 0:
+                # Someone may have unsubscribed since the batch began: one query per group.
+                active = _active_subscribers(rows[index : index + RECHECK_EVERY])
             subscriber = row.subscriber
-            if subscriber is None or not subscriber.is_active:
+            if subscriber is None or subscriber.pk not in active:
                 record(row, SendFailure("unsubscribed before it was sent", permanent=True))
                 continue
             if not opened:
@@ -878,8 +1093,22 @@ def _send_claimed(
         if opened:
             _close_quietly(connection)
     if retry_attempts:
-        wait = backoff[min(min(retry_attempts), len(backoff)) - 1] if backoff else 0
+        wait = _wait(backoff, min(retry_attempts))
         transaction.on_commit(partial(_enqueue_batch, notice.pk, "retry", wait))
+
+
+def _wait(backoff: tuple, attempts: int) -> int:
+    """Seconds before the next attempt of a row tried `attempts` times."""
+    return backoff[min(attempts, len(backoff)) - 1] if backoff and attempts > 0 else 0
+
+
+def _active_subscribers(rows: list[NoticeDelivery]) -> set[int]:
+    ids = [row.subscriber_id for row in rows if row.subscriber_id is not None]
+    return set(
+        Subscriber.objects.filter(
+            pk__in=ids, confirmed_at__isnull=False, unsubscribed_at__isnull=True
+        ).values_list("pk", flat=True)
+    )
 
 
 def _release(ids: list[int], notice_id: int, mode: str, report: BatchReport) -> None:
@@ -949,8 +1178,9 @@ def notices_with_counts() -> QuerySet[CustomerNotice]:
 
 def notices_sweep(*, now: datetime | None = None) -> dict[str, int]:
     """Beat: deliveries left `sending` by a dead worker become unknown (never re-sent);
-    sending notices whose pending rows waited longer than NOTICE_REQUEUE_AFTER get batch
-    tasks again; notices with nothing left to do are closed. Idempotent, bounded."""
+    sending notices with pending rows due for longer than NOTICE_REQUEUE_AFTER (their task
+    was lost) get batch tasks again, and only then; notices with nothing left to do are
+    closed. Idempotent, bounded."""
     now = now or timezone.now()
     stuck_before = now - timedelta(seconds=setting("NOTICE_SENDING_STUCK_AFTER"))
     # Only notices still sending can have rows in flight: their rows are found through the
@@ -990,8 +1220,10 @@ def notices_sweep(*, now: datetime | None = None) -> dict[str, int]:
             continue
         if requested_at and requested_at > requeue_before:
             continue
+        # Only rows already due for a while: a row in backoff has its retry task queued,
+        # and a batch now would claim nothing of it.
         pending = NoticeDelivery.objects.filter(
-            notice_id=notice_id, status=DeliveryState.PENDING
+            due(requeue_before), notice_id=notice_id, status=DeliveryState.PENDING
         ).count()
         for _ in range(min(math.ceil(pending / size), 10)):
             transaction.on_commit(partial(_enqueue_batch, notice_id, "any"))

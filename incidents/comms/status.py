@@ -10,8 +10,11 @@ What is public:
 - a service with `is_public`;
 - an incident that is not a drill and touches at least one public service: its impact
   colours the states and the uptime of its public services (false positives never do);
-- an incident is *listed* (title, public updates) only once a public update was posted
-  for it: an incident nobody has told customers about shows only as a service state;
+- an incident is *listed* (its public title, public updates) only once a public update
+  was posted for it: an incident nobody has told customers about shows only as a service
+  state;
+- an incident's name is `public_title`: the title a person gave it, or, for one opened by
+  an alert (nobody declared it), its impact and public services, never the alert's text;
 - a maintenance window with at least one public service (its other services are left out).
 
 The page costs a fixed number of queries whatever the number of incidents and updates.
@@ -22,6 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from urllib.parse import urlsplit
@@ -208,7 +212,7 @@ def listed_incidents(*, now: datetime) -> QuerySet[Incident]:
     return (
         public_incidents(now=now)
         .filter(has_update)
-        .only("id", "title", "impact", "status", "detected_at", "resolved_at")
+        .only("id", "title", "declared_by", "impact", "status", "detected_at", "resolved_at")
         .prefetch_related(
             Prefetch(
                 "updates",
@@ -237,6 +241,39 @@ def public_windows(*, now: datetime) -> QuerySet[MaintenanceWindow]:
 
 # --- conversions -----------------------------------------------------------------------------
 
+# What an incident nobody declared is called, by impact: "Partial outage affecting Checkout".
+PUBLIC_TITLE_LEAD = {
+    Impact.NONE: "Incident",
+    Impact.DEGRADED: "Degraded performance",
+    Impact.PARTIAL_OUTAGE: "Partial outage",
+    Impact.MAJOR_OUTAGE: "Major outage",
+}
+
+
+def public_title(incident: Incident, *, service_names: Sequence[str] | None = None) -> str:
+    """The name customers see for `incident` (the status page, the feed, customer notices).
+
+    The title only when a person declared the incident (`declared_by` set): they wrote it
+    for people to read. An incident opened by an alert has the alert's name and summary as
+    its title (hosts, addresses, label values), so it is named from its impact and public
+    services instead: "Partial outage affecting Checkout, Search", or just "Partial outage"
+    without a public service. `service_names` are the incident's public service names; when
+    not given they come from a `public_services` prefetch, else from one query. Read-only."""
+    if incident.declared_by_id is not None:
+        return incident.title
+    if service_names is None:
+        prefetched = getattr(incident, "public_services", None)
+        if prefetched is not None:
+            service_names = [s.name for s in prefetched]
+        else:
+            service_names = list(
+                incident.services.filter(is_public=True)
+                .order_by("name")
+                .values_list("name", flat=True)
+            )
+    lead = PUBLIC_TITLE_LEAD.get(incident.impact, "Incident")
+    return f"{lead} affecting {', '.join(service_names)}" if service_names else lead
+
 
 def _update(update: StatusUpdate) -> PublicUpdate:
     return PublicUpdate(
@@ -250,12 +287,13 @@ def _update(update: StatusUpdate) -> PublicUpdate:
 
 def _incident(incident: Incident) -> PublicIncident:
     updates = tuple(_update(u) for u in incident.public_updates)
+    services = tuple(s.name for s in incident.public_services)
     return PublicIncident(
         pk=incident.pk,
-        title=incident.title,
+        title=public_title(incident, service_names=services),
         impact=incident.impact,
         impact_label=Impact(incident.impact).label,
-        services=tuple(s.name for s in incident.public_services),
+        services=services,
         stage=updates[0].stage,
         stage_label=updates[0].stage_label,
         started_at=incident.detected_at,
@@ -474,7 +512,16 @@ def feed_entries(*, now: datetime, page_url: str) -> list[FeedEntry]:
         .filter(posted_at__gte=since)
         .filter(Exists(public_incidents(now=now).filter(pk=OuterRef("incident_id"))))
         .select_related("incident")
-        .only("id", "stage", "body", "posted_at", "incident__id", "incident__title")
+        .only(
+            "id",
+            "stage",
+            "body",
+            "posted_at",
+            "incident__id",
+            "incident__title",
+            "incident__declared_by",
+            "incident__impact",
+        )
         .prefetch_related(
             Prefetch(
                 "incident__services",
@@ -488,11 +535,12 @@ def feed_entries(*, now: datetime, page_url: str) -> list[FeedEntry]:
     for update in updates:
         incident = update.incident
         stage = PublicStage(update.stage).label
-        affected = ", ".join(s.name for s in incident.public_services)
+        names = [s.name for s in incident.public_services]
+        affected = ", ".join(names)
         entries.append(
             FeedEntry(
                 unique_id=_tag(update.posted_at, f"update/{update.pk}"),
-                title=f"{incident.title}: {stage}",
+                title=f"{public_title(incident, service_names=names)}: {stage}",
                 link=f"{page_url}#incident-{incident.pk}",
                 summary_html=_html(update.body) + _html(f"{stage}. Affects: {affected}."),
                 published=update.posted_at,

@@ -514,16 +514,25 @@ def update_reminder_send(*, incident_id: int, due_at: str) -> str:
 
 # --- the chat channel -----------------------------------------------------------------------
 
-CHANNEL_FIELDS = ("year", "month", "day", "date", "number", "seq")
+CHANNEL_FIELDS = ("year", "month", "day", "date", "number", "seq", "year_seq")
 CHANNEL_MAX_LENGTH = 80
-_SAMPLE = {"year": 2026, "month": 1, "day": 2, "date": "2026-01-02", "number": 1042, "seq": 1}
+_SAMPLE = {
+    "year": 2026,
+    "month": 1,
+    "day": 2,
+    "date": "2026-01-02",
+    "number": 1042,
+    "seq": 1,
+    "year_seq": 1,
+}
 
 
 def chat_channel_pattern_validate(pattern: str) -> None:
     """Refuse a channel pattern that cannot name a channel: an unknown placeholder (the
-    known ones are {year}, {month}, {day}, {date}, {number}, {seq}), a conversion, a bad
-    format spec, or a result with spaces or longer than 80 characters. Blank is allowed
-    (the webhook's own channel). Raises InvalidInput("chat_channel_pattern", ...)."""
+    known ones are {year}, {month}, {day}, {date}, {number}, {seq}, {year_seq}), a
+    conversion, a bad format spec, or a result with spaces or longer than 80 characters.
+    Blank is allowed (the webhook's own channel). Raises
+    InvalidInput("chat_channel_pattern", ...)."""
     field = "chat_channel_pattern"
     if not pattern:
         return
@@ -558,7 +567,9 @@ def chat_channel_pattern_validate(pattern: str) -> None:
         raise InvalidInput(field, "gives a name with spaces or control characters.")
 
 
-def chat_channel_format(pattern: str, *, declared_at: datetime, number: int, seq: int) -> str:
+def chat_channel_format(
+    pattern: str, *, declared_at: datetime, number: int, seq: int, year_seq: int = 1
+) -> str:
     """`pattern` filled in for an incident declared at `declared_at` (its UTC date)."""
     day = declared_at.astimezone(UTC)
     return pattern.format(
@@ -568,34 +579,52 @@ def chat_channel_format(pattern: str, *, declared_at: datetime, number: int, seq
         date=f"{day:%Y-%m-%d}",
         number=number,
         seq=seq,
+        year_seq=year_seq,
     )[:CHANNEL_MAX_LENGTH]
+
+
+def _team_place(incident: Incident, start: datetime, end: datetime) -> int:
+    """The incident's place (1, 2, ...) among its team's incidents declared in [start, end),
+    by number."""
+    place = Incident.objects.filter(
+        team_id=incident.team_id,
+        created_at__gte=start,
+        created_at__lt=end,
+        number__lte=incident.number,
+    ).count()
+    return max(place, 1)
+
+
+def _names_in(pattern: str) -> set[str]:
+    try:
+        return {name for _text, name, _spec, _conv in string.Formatter().parse(pattern) if name}
+    except ValueError:
+        return set()
 
 
 def chat_channel_for(incident: Incident) -> str:
     """The incident's chat channel: the stored name, or one named now from its team's
     pattern and stored (`seq` is its place among the team's incidents declared that UTC
-    day, by number). Blank when the team has no pattern. Idempotent: a name is stored once
-    (compare-and-set), and a concurrent caller reads back the winner's."""
+    day, `year_seq` that UTC year, by number). Blank when the team has no pattern.
+    Idempotent: a name is stored once (compare-and-set), and a concurrent caller reads back
+    the winner's."""
     if incident.chat_channel or incident.team is None or not incident.team.chat_channel_pattern:
         return incident.chat_channel
+    pattern = incident.team.chat_channel_pattern
     declared = incident.created_at.astimezone(UTC)
-    start = datetime.combine(declared.date(), time.min, tzinfo=UTC)
-    seq = Incident.objects.filter(
-        team_id=incident.team_id,
-        created_at__gte=start,
-        created_at__lt=start + timedelta(days=1),
-        number__lte=incident.number,
-    ).count()
+    day = datetime.combine(declared.date(), time.min, tzinfo=UTC)
+    seq = _team_place(incident, day, day + timedelta(days=1))
+    year_seq = 1
+    if "year_seq" in _names_in(pattern):
+        year = datetime(declared.year, 1, 1, tzinfo=UTC)
+        year_seq = _team_place(incident, year, datetime(declared.year + 1, 1, 1, tzinfo=UTC))
     try:
         name = chat_channel_format(
-            incident.team.chat_channel_pattern,
-            declared_at=declared,
-            number=incident.number,
-            seq=max(seq, 1),
+            pattern, declared_at=declared, number=incident.number, seq=seq, year_seq=year_seq
         )
     except (ValueError, TypeError, KeyError, IndexError):
         # A pattern saved before validation existed: fall back to the default shape.
-        name = f"#incident-{declared:%Y-%m-%d}-{max(seq, 1):03d}"
+        name = f"#incident-{declared:%Y-%m-%d}-{seq:03d}"
     if not Incident.objects.filter(pk=incident.pk, chat_channel="").update(chat_channel=name):
         name = Incident.objects.filter(pk=incident.pk).values_list("chat_channel", flat=True)[0]
     incident.chat_channel = name

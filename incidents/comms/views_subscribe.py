@@ -1,11 +1,15 @@
 """Public pages for customer notices: subscribe, confirm, unsubscribe. No login.
 
 The subscribe form answers the same whatever the address's state (new, pending, already
-subscribed), so it tells nobody who subscribes. Confirming and unsubscribing take a POST: a
-GET only shows a button, so a mail scanner that fetches links changes nothing. The
-unsubscribe POST is exempt from CSRF: mail providers send it as RFC 8058 one-click
-(`List-Unsubscribe=One-Click`) without a token, and the unguessable token in the URL is
-what authorises it.
+subscribed), so it tells nobody who subscribes; what an already subscribed address asks to
+add is applied only through a link mailed to it. Subscribe POSTs are throttled per client
+address (REMOTE_ADDR, which a deployment behind a proxy must set from the proxy's header):
+over the limit the answer is 429 and nothing is stored or sent.
+
+Confirming and unsubscribing take a POST: a GET only shows a button, so a mail scanner
+that fetches links changes nothing. The unsubscribe POST is exempt from CSRF: mail
+providers send it as RFC 8058 one-click (`List-Unsubscribe=One-Click`) without a token,
+and the unguessable token in the URL is what authorises it.
 """
 
 from __future__ import annotations
@@ -53,6 +57,11 @@ def _page(request: HttpRequest, name: str, context: dict, status: int = 200) -> 
 def subscribe(request: HttpRequest) -> HttpResponse:
     if request.method != "POST":
         return _page(request, "subscribe.html", {"form": SubscribeForm()})
+    if not notices.subscribe_throttle_allows(client_ip=request.META.get("REMOTE_ADDR", "")):
+        # Before the form is read: nothing is stored or sent.
+        response = _page(request, "throttled.html", {}, status=429)
+        response["Retry-After"] = "3600"
+        return response
     form = SubscribeForm(request.POST)
     if form.is_valid():
         data = form.cleaned_data
@@ -76,15 +85,20 @@ def subscribe(request: HttpRequest) -> HttpResponse:
 @require_http_methods(["GET", "POST"])
 def confirm(request: HttpRequest, token: str) -> HttpResponse:
     try:
-        subscriber = notices.subscriber_for_confirmation(token)
+        asked = notices.confirmation_for(token)
         if request.method == "POST":
             subscriber = notices.subscriber_confirm(token=token)
-            return _page(request, "confirmed.html", {"subscriber": subscriber})
+            context = {
+                "subscriber": subscriber,
+                "services": notices.subscriber_service_names(subscriber),
+                "change": asked.change,
+            }
+            return _page(request, "confirmed.html", context)
     except InvalidInput as error:
         message = str(error).removeprefix("token: ")
         return _page(request, "invalid.html", {"error": message}, status=404)
-    context = {"subscriber": subscriber, "services": _services(subscriber)}
-    if subscriber.is_active:
+    context = {"subscriber": asked.subscriber, "services": asked.services, "change": asked.change}
+    if asked.subscriber.is_active and not asked.change:
         return _page(request, "confirmed.html", context)
     return _page(request, "confirm.html", context)
 
@@ -104,9 +118,3 @@ def unsubscribe(request: HttpRequest, token: str) -> HttpResponse:
     if subscriber.unsubscribed_at is not None:
         return _page(request, "unsubscribed.html", {"subscriber": subscriber})
     return _page(request, "unsubscribe.html", {"subscriber": subscriber})
-
-
-def _services(subscriber) -> list[str]:
-    if subscriber.all_services:
-        return ["All services"]
-    return list(subscriber.services.order_by("name").values_list("name", flat=True))

@@ -1,6 +1,8 @@
-"""Maintenance windows silence paging: alerts are stored and incidents open, nobody is paged
-while a running window covers one of the incident's services, the timeline says why once,
-and when the window ends the escalation goes on from where it stood."""
+"""Maintenance windows silence paging: alerts are stored and incidents open, and nobody is
+paged for an incident that alerts opened during a running window on its services only; the
+timeline says why once, and when the window ends the escalation goes on from where it stood.
+Incidents a person declared, incidents detected before the window began, and incidents that
+also touch a service outside the window are paged as usual."""
 
 from __future__ import annotations
 
@@ -14,11 +16,14 @@ from django.test.utils import CaptureQueriesContext
 from escalation import services as engine
 from escalation.models import Page, PageStatus, StepCondition, TargetKind
 from incidents import services
+from incidents.ingestion import payloads
+from incidents.ingestion.services import alerts_ingest
 from incidents.models import EventKind, Incident
 from tests.incidents.factories import (
     MaintenanceWindowFactory,
     ServiceFactory,
     SeverityFactory,
+    UserFactory,
     alertmanager_body,
     declare,
     integration,
@@ -71,6 +76,24 @@ def window(*services, start=T0 - 10 * MIN, end=T0 + 60 * MIN, **kwargs):
     )
 
 
+def alerted(severity, *on, at=T0, name="DiskFull"):
+    """An incident opened by an Alertmanager alert firing since `at` on the first service
+    (the integration's default), with the others added as a responder would."""
+    source, _token = integration(default_service=on[0], default_severity=severity)
+    body = alertmanager_body(
+        {"labels": {"alertname": name}, "startsAt": at.isoformat()},
+        group_key=f'{{}}:{{alertname="{name}"}}',
+    )
+    result = alerts_ingest(integration=source, delivery=payloads.parse_alertmanager(body), now=at)
+    incident = Incident.objects.get(reference__in=result.opened)
+    assert (incident.declared_by, incident.detected_at) == (None, at)
+    if len(on) > 1:
+        services.incident_update(
+            incident=incident, changes={"services": list(on)}, actor=None, now=at
+        )
+    return incident
+
+
 def paged(incident) -> list[str]:
     return list(
         Page.objects.filter(incident=incident)
@@ -87,24 +110,26 @@ def silenced(incident) -> list:
     return list(incident.timeline.filter(kind=EventKind.PAGING_SILENCED))
 
 
-def test_incident_during_maintenance_pages_nobody_and_says_why_once(sev1, checkout, search):
-    window(checkout)
-    incident = declare(severity=sev1, services=[checkout, search], now=T0)
+def test_an_alert_incident_during_maintenance_pages_nobody_and_says_why_once(
+    sev1, checkout, search
+):
+    window(checkout, search)
+    incident = alerted(sev1, checkout, search)
     for minute in (0, 1, 2, 20, 45):
         tick(T0 + minute * MIN)
     assert paged(incident) == []
     [event] = silenced(incident)
     assert event.value == "Database upgrade"
-    assert "covers Checkout until 2026-11-02 10:00 UTC" in event.message
-    assert "Search" not in event.message
+    assert "covers Checkout, Search until 2026-11-02 10:00 UTC" in event.message
     incident.refresh_from_db()
     assert incident.next_escalation_at <= T0 + 60 * MIN
     assert incident.status == "triggered"  # the incident stays open
+    assert incident.alerts.count() == 1  # and its alert is stored
 
 
 def test_when_the_window_ends_escalation_resumes_where_it_stood(sev1, checkout):
     window(checkout, end=T0 + 40 * MIN)
-    incident = declare(severity=sev1, services=[checkout], now=T0)
+    incident = alerted(sev1, checkout)
     for minute in range(40):  # the tick runs every few seconds; every minute will do here
         tick(T0 + minute * MIN)
     assert paged(incident) == []
@@ -117,20 +142,53 @@ def test_when_the_window_ends_escalation_resumes_where_it_stood(sev1, checkout):
     assert len(silenced(incident)) == 1
 
 
-def test_a_window_starting_mid_escalation_holds_the_next_step(sev1, checkout):
-    incident = declare(severity=sev1, services=[checkout], now=T0)
+def test_a_window_starting_mid_escalation_pages_as_usual(sev1, checkout):
+    """Detected before the window began: not the planned work, so it keeps escalating."""
+    incident = alerted(sev1, checkout)
     tick(T0)
     assert paged(incident) == ["Ann"]
     window(checkout, start=T0 + 5 * MIN, end=T0 + 65 * MIN)
-    for minute in range(5, 65):
+    for minute in range(5, 31):
         tick(T0 + minute * MIN)
+    assert paged(incident) == ["Ann", "Ben", "Cal"]  # at 15 and 30 minutes, as planned
+    assert silenced(incident) == []
+
+
+def test_an_alert_that_fired_before_the_window_is_paged(sev1, checkout):
+    window(checkout, start=T0, end=T0 + 60 * MIN)
+    incident = alerted(sev1, checkout, at=T0 - MIN)  # opened a minute before it started
+    tick(T0 + MIN)
     assert paged(incident) == ["Ann"]
-    tick(T0 + 65 * MIN)
-    assert paged(incident) == ["Ann", "Ben"]
-    tick(T0 + 79 * MIN)
-    assert paged(incident) == ["Ann", "Ben"]
-    tick(T0 + 80 * MIN)
-    assert paged(incident) == ["Ann", "Ben", "Cal"]
+    assert silenced(incident) == []
+
+
+def test_an_incident_a_person_declares_during_maintenance_is_paged(sev1, checkout):
+    window(checkout)
+    person = UserFactory(username="dana")
+    declared = declare(severity=sev1, services=[checkout], actor=person, now=T0)
+    tick(T0)
+    assert paged(declared) == ["Ann"]
+    tick(T0 + 15 * MIN)
+    assert paged(declared) == ["Ann", "Ben"]
+    assert silenced(declared) == []
+
+
+def test_an_incident_without_alerts_is_paged(sev1, checkout):
+    """Nobody declared it (an API client without a user) and no alert opened it either: only
+    alert noise is what a window is for."""
+    window(checkout)
+    quiet = declare(severity=sev1, services=[checkout], now=T0)
+    tick(T0)
+    assert paged(quiet) == ["Ann"]
+
+
+def test_an_incident_also_on_a_service_outside_the_window_is_paged(sev1, checkout, search):
+    window(checkout)
+    window(search, title="Search reindex")  # each covers one service, neither covers both
+    both = alerted(sev1, checkout, search)
+    tick(T0)
+    assert paged(both) == ["Ann"]
+    assert silenced(both) == []
 
 
 def test_a_window_on_other_services_or_not_yet_running_silences_nothing(sev1, checkout, search):
@@ -138,7 +196,7 @@ def test_a_window_on_other_services_or_not_yet_running_silences_nothing(sev1, ch
     window(checkout, start=T0 + 30 * MIN, end=T0 + 90 * MIN, title="Later")
     window(checkout, start=T0 - 90 * MIN, end=T0 - 30 * MIN, title="Over")
     window(checkout, title="Called off", cancelled_at=T0 - 20 * MIN)
-    incident = declare(severity=sev1, services=[checkout], now=T0)
+    incident = alerted(sev1, checkout)
     tick(T0)
     assert paged(incident) == ["Ann"]
     assert silenced(incident) == []
@@ -146,8 +204,9 @@ def test_a_window_on_other_services_or_not_yet_running_silences_nothing(sev1, ch
 
 def test_a_cancelled_window_releases_paging_within_a_minute(sev1, checkout):
     running = window(checkout, end=T0 + 120 * MIN)
-    incident = declare(severity=sev1, services=[checkout], now=T0)
+    incident = alerted(sev1, checkout)
     tick(T0)
+    assert paged(incident) == []
     running.cancelled_at = T0 + 10 * MIN
     running.save()
     tick(T0 + 10 * MIN)
@@ -155,10 +214,11 @@ def test_a_cancelled_window_releases_paging_within_a_minute(sev1, checkout):
 
 
 def test_a_page_waiting_to_be_delivered_is_held_until_the_window_ends(sev1, checkout, smtp_server):
-    incident = declare(severity=sev1, services=[checkout], now=T0)
+    incident = alerted(sev1, checkout)
     tick(T0)
     page = Page.objects.get()
-    window(checkout, start=T0 + timedelta(seconds=30), end=T0 + 20 * MIN)
+    # Scheduled just after the page was made, its start typed a minute back ("from now").
+    window(checkout, start=T0 - MIN, end=T0 + 20 * MIN)
     assert engine.page_deliver(page_id=page.pk, now=T0 + MIN) == "held"
     page.refresh_from_db()
     assert page.status == PageStatus.PENDING
@@ -181,7 +241,9 @@ def test_an_alert_during_maintenance_is_stored_and_opens_an_incident_that_pages_
     with time_machine.travel(T0, tick=False):
         response = client.post(
             f"/api/v1/integrations/{token}/alertmanager/",
-            alertmanager_body({"labels": {"alertname": "DiskFull"}}),
+            alertmanager_body(
+                {"labels": {"alertname": "DiskFull"}, "startsAt": "2026-11-02T09:00:00Z"}
+            ),
             content_type="application/json",
         )
         assert response.status_code in (200, 202), response.content
@@ -199,8 +261,8 @@ def test_silencing_costs_the_same_few_queries_per_due_incident(sev1, checkout):
 
     def due_tick_queries(count: int, at: datetime) -> int:
         Incident.objects.update(next_escalation_at=None)
-        for _ in range(count):
-            declare(severity=sev1, services=[checkout], now=at)
+        for n in range(count):
+            alerted(sev1, checkout, at=at, name=f"DiskFull{n}")
         tick(at)  # announced once per incident
         Incident.objects.filter(next_escalation_at__isnull=False).update(next_escalation_at=at)
         with CaptureQueriesContext(connection) as queries:
@@ -219,7 +281,7 @@ def test_silencing_costs_the_same_few_queries_per_due_incident(sev1, checkout):
 
 def test_resolving_during_maintenance_stops_the_held_escalation(sev1, checkout):
     window(checkout)
-    incident = declare(severity=sev1, services=[checkout], now=T0)
+    incident = alerted(sev1, checkout)
     tick(T0)
     services.incident_resolve(incident=incident, actor=None, now=T0 + 5 * MIN)
     incident.refresh_from_db()

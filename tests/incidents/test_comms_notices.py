@@ -32,6 +32,7 @@ from tests.incidents.notice_support import DroppingSMTPServer, parts, smtp_serve
 
 pytestmark = pytest.mark.django_db
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
+S3 = timedelta(seconds=3)
 
 
 @pytest.fixture
@@ -56,13 +57,15 @@ def admin_user():
 
 
 @pytest.fixture
-def incident(checkout):
+def incident(checkout, admin_user):
     internal = ServiceFactory(name="Ledger", slug="ledger", is_public=False)
+    # Declared by a person: customers see its title (public_title).
     return declare(
         title="Payments fail",
         services=[checkout, internal],
         impact="partial_outage",
         customer_impact="Some card payments are declined.",
+        actor=admin_user,
         now=T0,
     )
 
@@ -187,21 +190,29 @@ def test_a_temporary_refusal_is_retried_with_backoff_and_delivered_once(
     notice = compose(incident, admin_user)
     send(notice, admin_user, django_capture_on_commit_callbacks)
     smtp_server.reject_with("451 4.3.0 Try again later")
-    with django_capture_on_commit_callbacks(execute=False) as retries:
+    with (
+        time_machine.travel(T0, tick=False),
+        django_capture_on_commit_callbacks(execute=False) as retries,
+    ):
         [report] = run_batches(notice)
     assert report.retry == 1
     assert not smtp_server.messages
     row = NoticeDelivery.objects.get()
     assert (row.status, row.attempts) == (DeliveryState.PENDING, 1)
+    assert row.sent_at == T0 + timedelta(seconds=30)  # pending: when the next attempt is due
     assert "451 4.3.0 Try again later" in row.error
     [retry] = retries
     assert retry.args == (notice.pk, "retry", 30)  # the first backoff step
     assert CustomerNotice.objects.get().status == NoticeStatus.SENDING
 
-    # A first-pass task (another batch of the notice) leaves the row to its retry.
-    assert notices.notice_deliver_batch(notice_id=notice.pk, mode="first").claimed == 0
     smtp_server.reject_with(None)
-    [report] = run_batches(notice, mode="retry")
+    with time_machine.travel(T0 + timedelta(seconds=29), tick=False):
+        # A first-pass task (another batch of the notice) leaves the row to its retry, and
+        # no task takes it before its backoff is over.
+        for mode in ("first", "retry", "any"):
+            assert notices.notice_deliver_batch(notice_id=notice.pk, mode=mode).claimed == 0
+    with time_machine.travel(T0 + timedelta(seconds=30), tick=False):
+        [report] = run_batches(notice, mode="retry")
     assert report.sent == 1
     [message] = smtp_server.messages
     assert message["Message-ID"] == f"<notice-{notice.pk}-{ann.pk}@localhost>"
@@ -220,9 +231,12 @@ def test_temporary_failures_give_up_after_the_last_backoff_step(
     send(notice, admin_user, django_capture_on_commit_callbacks)
     smtp_server.reject_with("452 4.2.2 Mailbox full")
     waits = []
-    for mode in ("first", "retry", "retry"):
-        with django_capture_on_commit_callbacks(execute=False) as queued:
-            notices.notice_deliver_batch(notice_id=notice.pk, mode=mode)
+    for mode, at in (("first", T0), ("retry", T0 + timedelta(seconds=1)), ("retry", T0 + S3)):
+        with (
+            time_machine.travel(at, tick=False),
+            django_capture_on_commit_callbacks(execute=False) as queued,
+        ):
+            assert notices.notice_deliver_batch(notice_id=notice.pk, mode=mode).claimed == 1
         waits += [callback.args[2] for callback in queued]
     assert waits == [1, 2]
     row = NoticeDelivery.objects.get()
@@ -356,6 +370,7 @@ def test_incident_text_is_escaped_in_the_html_part(
         title='<script>alert("x")</script> & co',
         services=[checkout],
         customer_impact="<img src=x onerror=alert(1)> payments fail",
+        actor=admin_user,
         now=T0,
     )
     SubscriberFactory(services=[checkout])
@@ -849,3 +864,259 @@ def test_two_workers_at_once_mail_each_address_once(smtp_server, checkout, setti
     assert len(set(recipients)) == 12
     assert set(NoticeDelivery.objects.values_list("status", "attempts")) == {("sent", 1)}
     assert CustomerNotice.objects.get().status == NoticeStatus.SENT
+
+
+# --- review fixes: nothing internal, addresses, backoff, unsubscribing mid-batch ------------
+
+# Dumps every value of the context it is given: whatever a customer's context holds shows.
+DUMP_SUBJECT = "{{ incident.title }} {{ incident.status }} {{ maintenance.title }}"
+DUMP_BODY = (
+    "{% for k, v in incident.items %}{{ k }}={{ v }}\n{% endfor %}"
+    "{% for k, v in update.items %}{{ k }}={{ v }}\n{% endfor %}"
+    "{% for k, v in maintenance.items %}{{ k }}={{ v }}\n{% endfor %}"
+    "{{ incident.services_list }} / {{ maintenance.services_list }}"
+)
+
+
+def _everything_said(message) -> str:
+    text, html = parts(message)
+    headers = " ".join(f"{name}: {value}" for name, value in message.items())
+    return "\n".join([headers, text, html])
+
+
+def test_nothing_internal_reaches_customers_in_a_notice_of_any_kind(
+    smtp_server, checkout, admin_user, django_capture_on_commit_callbacks
+):
+    """Every internal string contains SECRET (or is the internal status): none may appear in
+    any part or header of any customer's message, whatever the notice's kind."""
+    from incidents import services as incident_services
+    from incidents.comms.updates import status_update_post
+    from incidents.models import Severity
+    from tests.incidents.factories import SeverityFactory
+
+    SeverityFactory(level=1)
+    Severity.objects.filter(level=1).update(name="SECRET-SEV")
+    private = ServiceFactory(name="SECRET Ledger", slug="secret-ledger", is_public=False)
+    incident = declare(
+        title="Payments fail",
+        services=[checkout, private],
+        impact="partial_outage",
+        summary="SECRET summary",
+        customer_impact="Some card payments are declined.",
+        actor=admin_user,
+        now=T0,
+    )
+    incident_services.incident_add_note(
+        incident=incident, body="SECRET note", actor=admin_user, now=T0
+    )
+    status_update_post(incident=incident, body="SECRET internal update", actor=admin_user, now=T0)
+    status_update_post(
+        incident=incident,
+        body="We found the cause.",
+        public=True,
+        stage="identified",
+        actor=admin_user,
+        now=T0,
+    )
+    incident_services.incident_transition(
+        incident=incident, to="mitigating", actor=admin_user, message="SECRET step", now=T0
+    )
+    incident.refresh_from_db()
+    window = MaintenanceWindowFactory(
+        title="Database upgrade",
+        services=[checkout, private],
+        starts_at=T0 + timedelta(days=1),
+        ends_at=T0 + timedelta(days=1, hours=1),
+    )
+    SubscriberFactory(services=[checkout])
+    SubscriberFactory(all_services=True)
+
+    composed = []
+    for kind in TemplateKind.values:
+        about = {"maintenance": window} if kind == TemplateKind.MAINTENANCE else {}
+        about = about or {"incident": incident}
+        if kind in (TemplateKind.CUSTOMER_NOTICE, TemplateKind.MAINTENANCE):
+            # The kind's default template, as the admin uses it.
+            composed.append(notices.notice_compose(kind=kind, actor=admin_user, now=T0, **about))
+        else:
+            # The defaults of these kinds are written for responders: refused, not blanked.
+            with pytest.raises(InvalidInput) as refused:
+                notices.notice_compose(kind=kind, actor=admin_user, now=T0, **about)
+            assert refused.value.field == "template"
+            assert "customers are not told" in str(refused.value)
+        # A template that prints everything its context holds.
+        dump = MessageTemplate.objects.create(
+            kind=kind, name=f"Dump {kind}", subject=DUMP_SUBJECT, body=DUMP_BODY
+        )
+        composed.append(
+            notices.notice_compose(kind=kind, template=dump, actor=admin_user, now=T0, **about)
+        )
+    for notice in composed:
+        send(notice, admin_user, django_capture_on_commit_callbacks)
+        run_batches(notice)
+    messages = smtp_server.messages
+    assert len(messages) == 2 * len(composed) == 14
+    internal = [
+        "SECRET",
+        "SEV",
+        incident.reference,
+        "INC-",
+        "Mitigating",  # the internal status
+        "Triggered",
+    ]
+    for message in messages:
+        said = _everything_said(message)
+        for word in internal:
+            assert word not in said, (word, message["Subject"], said)
+    dumped = [_everything_said(m) for m in messages if "status=" in _everything_said(m)]
+    assert dumped, "the dump templates rendered the incident's context"
+    for said in dumped:
+        assert "title=Payments fail" in said
+        assert "status=Identified" in said  # the latest public update's stage
+        assert "body=We found the cause." in said
+        assert "services=['Checkout']" in said
+
+
+def test_a_customer_notice_template_naming_responder_fields_is_refused(incident, admin_user):
+    leaky = MessageTemplate.objects.create(
+        kind=TemplateKind.CUSTOMER_NOTICE,
+        name="Leaky",
+        subject="{{ incident.title }}",
+        body="{% if incident.severity_level == 1 %}Severe{% endif %} {{ incident.reference }}",
+    )
+    with pytest.raises(InvalidInput) as refused:
+        compose(incident, admin_user, template=leaky)
+    assert refused.value.field == "template"
+    assert "incident.reference, incident.severity_level" in str(refused.value)
+    assert not CustomerNotice.objects.exists()
+
+
+def test_viewers_do_not_see_the_addresses_of_failed_deliveries(
+    client, smtp_server, incident, checkout, admin_user, django_capture_on_commit_callbacks
+):
+    from django.contrib.auth.models import Permission
+
+    SubscriberFactory(email="refused-customer@example.org", services=[checkout])
+    notice = compose(incident, admin_user)
+    send(notice, admin_user, django_capture_on_commit_callbacks)
+    smtp_server.reject_with("550 5.1.1 No such user")
+    run_batches(notice)
+    change = reverse("admin:incidents_customernotice_change", args=[notice.pk])
+    deliveries = f"/api/v1/notices/{notice.pk}/deliveries/"
+
+    viewer = UserFactory(username="vic", groups=["Viewers"])  # staff, as admin users are
+    client.force_login(viewer)
+    page = client.get(change)
+    assert page.status_code == 200
+    assert "1 failed" in page.content.decode()  # the counts stay
+    assert "refused-customer@example.org" not in page.content.decode()
+    assert "failed or unknown" not in page.content.decode()
+    assert client.get(deliveries).status_code == 403  # being staff is not enough
+
+    manager = UserFactory(username="meg", groups=["Incident managers"])
+    client.force_login(manager)
+    assert "refused-customer@example.org" in client.get(change).content.decode()
+    assert client.get(deliveries).status_code == 200
+    viewer.user_permissions.add(Permission.objects.get(codename="view_noticedelivery"))
+    client.force_login(viewer)
+    assert "refused-customer@example.org" in client.get(change).content.decode()
+    client.force_login(admin_user)  # a superuser
+    assert "refused-customer@example.org" in client.get(change).content.decode()
+
+
+def test_the_sweep_leaves_a_row_in_backoff_until_it_is_due(
+    smtp_server, incident, checkout, admin_user, settings, django_capture_on_commit_callbacks
+):
+    settings.NOTICE_RETRY_BACKOFF = (900,)  # longer than NOTICE_REQUEUE_AFTER (300 s)
+    waiting = SubscriberFactory(services=[checkout])
+    notice = compose(incident, admin_user)
+    send(notice, admin_user, django_capture_on_commit_callbacks)
+    smtp_server.reject_with("451 4.3.0 Try again later")
+    with time_machine.travel(T0, tick=False):
+        run_batches(notice)  # its retry task is queued for T0 + 15 min (dropped here)
+    smtp_server.reject_with(None)
+    row = NoticeDelivery.objects.get(email=waiting.email)
+    assert (row.status, row.sent_at) == (DeliveryState.PENDING, T0 + timedelta(minutes=15))
+
+    # Another delivery of the notice whose task was lost: the sweep queues a batch for it.
+    late = SubscriberFactory(services=[checkout])
+    NoticeDelivery.objects.create(
+        notice=notice,
+        subscriber=late,
+        email=late.email,
+        message_id=notices.notice_message_id(notice.pk, late.pk),
+    )
+    at = T0 + timedelta(minutes=10)
+    with (
+        time_machine.travel(at, tick=False),
+        django_capture_on_commit_callbacks(execute=False) as queued,
+    ):
+        assert notices.notices_sweep()["queued"] == 1
+    [batch] = queued
+    assert batch.args == (notice.pk, "any")
+    with time_machine.travel(at, tick=False):
+        assert notices.notice_deliver_batch(notice_id=notice.pk, mode="any").claimed == 1
+    assert [m["To"] for m in smtp_server.messages] == [late.email]
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == (DeliveryState.PENDING, 1)  # not touched early
+    with (
+        time_machine.travel(T0 + timedelta(minutes=14), tick=False),
+        django_capture_on_commit_callbacks(execute=False) as queued,
+    ):
+        assert notices.notices_sweep()["queued"] == 0  # only a row in backoff: nothing
+    assert queued == []
+
+    # Its retry task was lost too: once it is due (and waited), the sweep queues it.
+    with (
+        time_machine.travel(T0 + timedelta(minutes=21), tick=False),
+        django_capture_on_commit_callbacks(execute=False) as queued,
+    ):
+        assert notices.notices_sweep()["queued"] == 1
+    assert len(queued) == 1
+    with time_machine.travel(T0 + timedelta(minutes=21), tick=False):
+        assert notices.notice_deliver_batch(notice_id=notice.pk, mode="any").sent == 1
+    assert [m["To"] for m in smtp_server.messages] == [late.email, waiting.email]
+    row.refresh_from_db()
+    assert (row.status, row.attempts) == (DeliveryState.SENT, 2)
+    assert row.sent_at == T0 + timedelta(minutes=21)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_someone_who_unsubscribes_during_a_batch_is_not_mailed(checkout, settings):
+    """The batch re-reads its subscribers' state every RECHECK_EVERY messages: the one who
+    unsubscribes while the first message is on its way is dropped from a later group."""
+    from tests.incidents.notice_support import HookedSMTPServer
+
+    count = notices.RECHECK_EVERY + 3
+    notice = _sending_notice(checkout, count)
+    rows = list(NoticeDelivery.objects.order_by("pk").select_related("subscriber"))
+    leaver = rows[-1].subscriber
+
+    def unsubscribe_the_last_one(received: int) -> None:
+        if received == 1:
+            notices.subscriber_unsubscribe(token=leaver.unsubscribe_token)
+
+    server = HookedSMTPServer(unsubscribe_the_last_one)
+    for _ in smtp_server_at(server, settings):
+        report = notices.notice_deliver_batch(notice_id=notice.pk)
+    assert (report.claimed, report.sent, report.failed) == (count, count - 1, 1)
+    recipients = [m["To"] for m in server.messages]
+    assert leaver.email not in recipients
+    assert len(recipients) == count - 1
+    row = NoticeDelivery.objects.get(subscriber=leaver)
+    assert (row.status, row.error) == (DeliveryState.FAILED, "unsubscribed before it was sent")
+
+
+def test_subscribers_are_rechecked_with_one_query_per_group(
+    smtp_server, checkout, settings, django_assert_max_num_queries
+):
+    """Re-reading subscribers costs a query per RECHECK_EVERY messages, not per message."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    notice = _sending_notice(checkout, 2 * notices.RECHECK_EVERY + 1)
+    with CaptureQueriesContext(connection) as captured:
+        report = notices.notice_deliver_batch(notice_id=notice.pk)
+    assert report.sent == 2 * notices.RECHECK_EVERY + 1
+    reads = [q for q in captured if 'FROM "incidents_subscriber"' in q["sql"]]
+    assert len(reads) == 3

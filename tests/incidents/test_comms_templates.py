@@ -266,3 +266,92 @@ def test_defaults_module_matches_the_migration():
             .values_list("codename", flat=True)
         )
         assert set(by_app["incidents"]) <= granted, name
+
+
+# --- audiences and escaping (review fixes) ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("subject", "body", "field", "problem"),
+    [
+        ("{{ incident.title|safe }}", "ok", "subject", "|safe filter is not allowed"),
+        ("ok", "{{ incident.title|default:'x'|safe }}", "body", "|safe filter"),
+        ("ok", "{% for s in incident.services|safeseq %}{{ s }}{% endfor %}", "body", "safeseq"),
+        ("ok", "{% with t=incident.title|safe %}{{ t }}{% endwith %}", "body", "|safe"),
+        ("ok", "{% if incident.title|safe %}x{% endif %}", "body", "|safe"),
+        ("ok", "{% autoescape off %}{{ incident.title }}{% endautoescape %}", "body", "autoesc"),
+        ("ok", "{% load %}{{ incident.title }}", "body", "{% load %} is not allowed"),
+    ],
+)
+def test_template_validate_refuses_switching_escaping_off(subject, body, field, problem):
+    with pytest.raises(InvalidInput, match=re.escape(problem)) as refused:
+        template_validate(subject=subject, body=body)
+    assert refused.value.field == field
+
+
+def test_a_stored_template_that_switches_escaping_off_cannot_render(incident):
+    # Saved past the admin's validation (an old row): refused when rendered, too.
+    raw = MessageTemplateFactory(subject="x", body="{{ incident.customer_impact|safe }}")
+    with pytest.raises(InvalidInput) as refused:
+        render_message(kind=TemplateKind.UPDATE, template=raw, incident=incident)
+    assert refused.value.field == "body"
+    # Escaping switched on explicitly changes nothing and is allowed.
+    template_validate(
+        subject="x", body="{% autoescape on %}{{ incident.title }}{% endautoescape %}"
+    )
+
+
+def test_customers_get_no_responder_field_whatever_the_kind(incident):
+    from incidents.comms.templates import CUSTOMERS, RESPONDERS
+
+    private = ServiceFactory(name="Ledger", slug="ledger", is_public=False)
+    incident.services.add(private)
+    template = MessageTemplateFactory(
+        kind=TemplateKind.INITIAL,
+        subject="[{{ incident.severity }}] {{ incident.reference }}: {{ incident.title }}",
+        body="{{ incident.status }} / {{ incident.services_list }} / {{ incident.severity_level }}",
+    )
+    for_customers = render_message(
+        kind=TemplateKind.INITIAL, template=template, incident=incident, audience=CUSTOMERS
+    )
+    # Nobody declared it (actor=None): customers get its public title, as on the status page.
+    assert for_customers.subject == "[] : Incident affecting Checkout & Pay"
+    assert for_customers.text == "Investigating / Checkout & Pay /"  # public stage, no Ledger
+    for_responders = render_message(
+        kind=TemplateKind.INITIAL, template=template, incident=incident, audience=RESPONDERS
+    )
+    assert for_responders.subject.startswith(f"[Sev1] {incident.reference}: ")
+    assert for_responders.text == "Triggered / Checkout & Pay, Ledger / 1"
+
+
+def test_a_template_for_customers_may_not_name_responder_fields():
+    from incidents.comms.templates import CUSTOMERS
+
+    with pytest.raises(InvalidInput, match="uses incident.severity, which customers") as refused:
+        template_validate(subject="ok", body="{{ incident.severity }}", audience=CUSTOMERS)
+    assert refused.value.field == "body"
+    with pytest.raises(InvalidInput) as refused:
+        template_validate(
+            subject="{{ x|default:incident.reference }}", body="ok", audience=CUSTOMERS
+        )
+    assert refused.value.field == "subject"
+    for kind in (TemplateKind.CUSTOMER_NOTICE, TemplateKind.MAINTENANCE):
+        template_validate(subject=BUILT_IN[kind][0], body=BUILT_IN[kind][1], audience=CUSTOMERS)
+    leaky = MessageTemplateFactory(
+        kind=TemplateKind.CUSTOMER_NOTICE, subject="{{ incident.reference }}"
+    )
+    with pytest.raises(InvalidInput):
+        message_template_make_default(template=leaky)
+    leaky.refresh_from_db()
+    assert not leaky.is_default
+
+
+def test_preview_of_a_customer_template_shows_what_customers_get(incident):
+    template = MessageTemplateFactory(
+        kind=TemplateKind.CUSTOMER_NOTICE,
+        subject="Notice{{ incident.reference }}",
+        body="{{ incident.severity }}{{ incident.title }}",
+    )
+    assert template_preview(template).subject == "Notice"
+    rendered = template_preview(template, incident=incident)
+    assert (rendered.subject, rendered.text) == ("Notice", "Incident affecting Checkout & Pay")

@@ -45,6 +45,7 @@ pytestmark = pytest.mark.django_db
 S = IncidentStatus
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
 MIN = timedelta(minutes=1)
+H = timedelta(hours=1)
 
 
 @pytest.fixture
@@ -497,6 +498,88 @@ def test_channel_names_follow_the_pattern_and_count_the_teams_incidents_of_the_d
     assert updates.chat_channel_for(Incident.objects.get(pk=first.pk)) == first.chat_channel
     fresh = declare(severity=sev1, team=team, now=T0)
     assert updates.chat_channel_for(fresh) == f"#inc-2026-03-{fresh.number:04d}"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        # Seed 002: a channel per day, numbered within the day.
+        (
+            "#incident-{date}-{seq:03d}",
+            [
+                "#incident-2026-12-31-001",
+                "#incident-2027-01-01-001",
+                "#incident-2027-01-01-002",
+                "#incident-2027-01-02-001",
+            ],
+        ),
+        # Seed 001: numbered within the year, starting again each January.
+        (
+            "#incident-{year}-{year_seq:03d}",
+            [
+                "#incident-2026-001",
+                "#incident-2027-001",
+                "#incident-2027-002",
+                "#incident-2027-003",
+            ],
+        ),
+    ],
+)
+def test_both_playbook_channel_patterns_name_the_channels(sev1, team, pattern, expected):
+    team.chat_channel_pattern = pattern
+    team.save()
+    other = TeamFactory(name="Search", slug="search")
+    new_year = datetime(2027, 1, 1, 9, 0, tzinfo=UTC)
+    made = [
+        declare(severity=sev1, team=team, now=new_year - timedelta(days=1)),
+        declare(severity=sev1, team=team, now=new_year),
+    ]
+    declare(severity=sev1, team=other, now=new_year + 30 * MIN)  # another team's: not counted
+    made += [
+        declare(severity=sev1, team=team, now=new_year + H),
+        declare(severity=sev1, team=team, now=new_year + timedelta(days=1)),
+    ]
+    assert [updates.chat_channel_for(i) for i in reversed(made)] == list(reversed(expected))
+
+
+def test_team_admin_form_accepts_the_year_sequence_placeholder(admin_client):
+    from escalation.models import Team
+
+    response = admin_client.post(
+        reverse("admin:escalation_team_add"),
+        {"name": "Payments", "slug": "payments", "chat_channel_pattern": "#inc-{year_seq:03d}"},
+    )
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    assert Team.objects.get(slug="payments").chat_channel_pattern == "#inc-{year_seq:03d}"
+    refused = admin_client.post(
+        reverse("admin:escalation_team_add"),
+        {"name": "Search", "slug": "search", "chat_channel_pattern": "#inc-{yearseq}"},
+    )
+    errors = refused.context["adminform"].form.errors["chat_channel_pattern"]
+    assert "{yearseq} is not a known placeholder" in errors[0]
+    assert "{year_seq}" in errors[0]
+
+
+def test_a_viewer_sees_where_the_chat_webhook_goes_but_not_its_secret(client, team):
+    secret = "T0001/B0002/XXXXsecretXXXX"
+    team.chat_webhook_url = f"https://hooks.slack.com/services/{secret}?token=abc"
+    team.save()
+    url = reverse("admin:escalation_team_change", args=[team.pk])
+    client.force_login(UserFactory(username="vic", groups=["Viewers"]))
+    response = client.get(url)
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "https://hooks.slack.com/…" in html
+    assert "T0001" not in html
+    assert "secret" not in html.lower()
+    assert "token=abc" not in html
+    assert 'name="chat_webhook_url"' not in html
+
+    # Whoever may change the team sees and edits the whole URL.
+    client.force_login(UserFactory(username="root", is_superuser=True))
+    html = client.get(url).content.decode()
+    assert 'name="chat_webhook_url"' in html
+    assert secret in html
 
 
 @pytest.fixture

@@ -105,6 +105,10 @@ def test_a_start_a_moment_ago_counts_as_now(web):
         ({"ends_at": None}, "ends_at", "is required"),
         ({"title": "   "}, "title", "may not be blank"),
         ({"title": "Upgrade\r\nBcc: victim@example.com"}, "title", "one line"),
+        # The announcement's subject check, at save time: other control characters too.
+        ({"title": "Upgrade\x1b[2J done"}, "title", "contains control characters"),
+        ({"title": "Upgrade\u2028Bcc: victim@example.com"}, "title", "control characters"),
+        ({"title": "Upgrade\x00"}, "title", "control characters"),
         ({"title": "x" * 201}, "title", "at most 200"),
         ({"description": "x" * 10_001}, "description", "at most 10000"),
     ],
@@ -128,6 +132,15 @@ def test_schedule_refuses_missing_or_unknown_services(service_ids, message):
 
 
 # --- changing and cancelling -----------------------------------------------------------------
+
+
+def test_a_change_to_a_title_with_control_characters_is_refused(web):
+    window = schedule([web.pk])
+    with pytest.raises(InvalidInput, match="control characters") as refused:
+        maintenance_update(window=window, changes={"title": "Kernel\x7fupgrade"}, actor=None, now=T)
+    assert refused.value.field == "title"
+    window.refresh_from_db()
+    assert window.title == "Database upgrade"
 
 
 def test_an_upcoming_window_can_change_and_a_running_one_keeps_its_start(web, ledger):
@@ -229,6 +242,7 @@ def test_admin_add_schedules_through_the_service(client, staff, web, settings):
         ({"ends_at": T + D - H}, "must be after the start."),
         ({"starts_at": T - D, "ends_at": T + H}, "is in the past."),
         ({"title": "x" * 201}, "Ensure this value has at most 200 characters"),
+        ({"title": "Router\x07swap"}, "contains control characters: it goes in email subjects."),
     ],
 )
 def test_admin_add_shows_the_refusal_beside_the_field_and_saves_nothing(

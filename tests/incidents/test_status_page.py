@@ -16,17 +16,21 @@ from incidents import services
 from incidents.comms.maintenance import maintenance_cancel, maintenance_schedule
 from incidents.comms.status import (
     ServiceState,
+    public_title,
     status_page,
     uptime_percent,
     weighted_downtime,
 )
 from incidents.comms.updates import status_update_post
-from incidents.models import Alert, Impact
+from incidents.ingestion import payloads
+from incidents.ingestion.services import alerts_ingest
+from incidents.models import Alert, Impact, Incident
 from tests.incidents.factories import (
     MaintenanceWindowFactory,
     ServiceFactory,
     SeverityFactory,
     UserFactory,
+    alertmanager_body,
     declare,
     integration,
     role,
@@ -62,8 +66,12 @@ def incident(
     title="Errors",
     is_drill=False,
     level=2,
+    by="person",
 ):
+    """An incident declared by a person (`by` a username; None: by nobody, as an
+    integration does), so its title is its public name."""
     made = declare(
+        actor=UserFactory(username=f"declarer-{by}") if by else None,
         title=title,
         severity=SeverityFactory(level=level),
         services=services_,
@@ -312,6 +320,60 @@ def test_history_holds_resolved_public_incidents_of_the_last_ninety_days(client)
 # --- nothing internal ------------------------------------------------------------------------
 
 
+def open_by_alert(service_, *, at, labels, annotations):
+    """An incident opened by an Alertmanager alert on `service_`, through ingestion."""
+    source, _token = integration(default_service=service_, default_severity=SeverityFactory())
+    body = alertmanager_body(
+        {"labels": labels, "annotations": annotations, "startsAt": at.isoformat()},
+        group_key=f"{{}}:{{alertname={labels['alertname']!r}}}",
+    )
+    result = alerts_ingest(integration=source, delivery=payloads.parse_alertmanager(body), now=at)
+    (reference,) = result.opened
+    return Incident.objects.get(reference=reference)
+
+
+def test_an_incident_opened_by_an_alert_is_named_by_its_impact_and_public_services(client):
+    web, search = service("Web"), service("Search")
+    hidden = service("Ledger", public=False)
+    opened = open_by_alert(
+        web,
+        at=T - 2 * H,
+        labels={"alertname": "Disk full on db-prod-3 10.0.4.7"},
+        annotations={"summary": "Disk full"},
+    )
+    opened.services.add(search, hidden)
+    services.incident_update(
+        incident=opened, changes={"impact": Impact.PARTIAL_OUTAGE}, actor=None, now=T - 2 * H
+    )
+    opened.refresh_from_db()
+    post(opened, "Searches fail for some customers.", at=T - H)
+    person = incident([web], title="Checkout is slow", impact=Impact.DEGRADED)
+    post(person, "Checkout is slow.", at=T - H)
+
+    assert public_title(opened) == "Partial outage affecting Search, Web"
+    assert public_title(person) == "Checkout is slow"
+    services.incident_update(incident=opened, changes={"impact": Impact.NONE}, actor=None, now=T)
+    opened.refresh_from_db()
+    assert public_title(opened, service_names=[]) == "Incident"
+    assert public_title(opened) == "Incident affecting Search, Web"
+
+    services.incident_update(
+        incident=opened, changes={"impact": Impact.PARTIAL_OUTAGE}, actor=None, now=T
+    )
+    titles = sorted(i.title for i in status_page(now=T).open_incidents)
+    assert titles == ["Checkout is slow", "Partial outage affecting Search, Web"]
+    feed = parse_feed(get(client, "/status/feed.atom"))
+    entries = sorted(e.findtext(f"{ATOM}title") for e in feed.iter(f"{ATOM}entry"))
+    assert entries == [
+        "Checkout is slow: Investigating",
+        "Partial outage affecting Search, Web: Investigating",
+    ]
+    html = get(client).content.decode()
+    assert "Partial outage affecting Search, Web" in html
+    assert "10.0.4.7" not in html
+    assert "Ledger" not in html
+
+
 def test_nothing_internal_reaches_the_page_or_the_feed(client):
     """Every internal string below contains SECRET; none may appear in either."""
     web = service("Web")
@@ -359,10 +421,29 @@ def test_nothing_internal_reaches_the_page_or_the_feed(client):
     ]:
         MaintenanceWindowFactory(title=title, services=on, starts_at=starts_at, created_at=T - D)
 
+    # An incident opened by an alert: its title is the alert's name; its name, summary and
+    # labels (a host, an address) are internal, and so is the title made of them.
+    opened = open_by_alert(
+        web,
+        at=T - 2 * H,
+        labels={"alertname": "SecretDiskFull", "instance": "secret-db-prod-3:9100"},
+        annotations={"summary": "SECRET disk full on db-prod-3 10.0.4.7", "runbook": "SECRET"},
+    )
+    assert opened.title == "SecretDiskFull"
+    services.incident_update(
+        incident=opened, changes={"impact": Impact.DEGRADED}, actor=None, now=T - 2 * H
+    )
+    post(opened, "Some pages load slowly.", at=T - H, actor=poster)
+
     page, feed = get(client), get(client, "/status/feed.atom")
     for response in (page, feed):
         text = response.content.decode()
         assert "Payments are failing for some customers." in text  # the public update shows
+        assert "Some pages load slowly." in text
+        assert "Degraded performance affecting Web" in text  # the alert incident's name
+        assert "10.0.4.7" not in text
+        assert "db-prod-3" not in text
+        assert opened.reference not in text
         assert "Network work" in text
         assert "secret" not in text.lower(), re.findall(r".{40}secret.{40}", text, re.I)
         assert real.reference not in text

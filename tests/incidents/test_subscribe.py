@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import time_machine
 from django.core import signing
+from django.core.cache import cache
 from django.test import Client
 
 from incidents import tasks
@@ -20,6 +21,12 @@ from tests.incidents.notice_support import link, parts
 pytestmark = pytest.mark.django_db
 T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 SUBSCRIBE = "/status/subscribe/"
+
+
+@pytest.fixture(autouse=True)
+def fresh_throttle():
+    """The subscribe throttle counts in Redis across tests; each test starts from zero."""
+    cache.clear()
 
 
 @pytest.fixture
@@ -118,7 +125,7 @@ def test_double_opt_in_end_to_end_through_the_public_pages(
     assert notices.notice_recipients([checkout.pk]).count() == 0
 
 
-def test_the_answer_is_the_same_for_a_subscribed_address_and_no_mail_goes_to_it(
+def test_the_answer_is_the_same_for_a_subscribed_address_whose_services_do_not_change(
     client, smtp_server, checkout, search, django_capture_on_commit_callbacks
 ):
     fresh, fresh_callbacks = subscribe(
@@ -142,10 +149,10 @@ def test_the_answer_is_the_same_for_a_subscribed_address_and_no_mail_goes_to_it(
 
     assert answer(fresh) == answer(known)
     assert len(fresh_callbacks) == 1
-    assert known_callbacks == []
+    assert [c.func for c in known_callbacks] == [notices._enqueue_change]  # a link, no more
     member.refresh_from_db()
     assert member.is_active  # still the same subscriber, still confirmed
-    assert sorted(s.slug for s in member.services.all()) == ["checkout", "search"]
+    assert [s.slug for s in member.services.all()] == ["checkout"]  # unchanged until confirmed
 
 
 def test_a_confirmation_is_sent_again_at_most_every_quarter_hour(
@@ -315,3 +322,155 @@ def test_an_unconfirmed_address_gets_no_notice(
         assert notices.notice_send(notice=notice, actor=root) == 0
     assert not NoticeDelivery.objects.exists()
     assert not smtp_server.messages
+
+
+# --- review fixes: a confirmed subscription widens only by its owner's link; the throttle ---
+
+
+def test_widening_a_confirmed_subscription_needs_the_owners_confirmation(
+    client, smtp_server, checkout, search, django_capture_on_commit_callbacks
+):
+    other = ServiceFactory(name="Payments", slug="payments")
+    member = SubscriberFactory(
+        email="member@example.org", services=[checkout], confirmed_at=T0 - timedelta(days=1)
+    )
+    with time_machine.travel(T0, tick=False):
+        response, callbacks = subscribe(
+            client,
+            django_capture_on_commit_callbacks,
+            email="member@example.org",
+            services=[search.pk, checkout.pk],
+        )
+        assert response.status_code == 200
+        assert "Check your inbox" in response.content.decode()
+        member.refresh_from_db()
+        assert [s.slug for s in member.services.all()] == ["checkout"]  # nothing changed
+        [job] = callbacks
+        assert job.func is notices._enqueue_change
+        assert job.args == (member.pk, [search.pk], False)  # only what is new
+        assert tasks.send_subscription_change(*job.args) is True
+    [message] = smtp_server.messages
+    assert message["To"] == "member@example.org"
+    assert message["Subject"] == "Confirm the change to your Service status notices"
+    text, _html = parts(message)
+    assert "asked to add to the Service status notices this address gets: Search." in text
+    change = link(message, "/status/confirm/")
+
+    # Asking again within the quarter hour, even for something else: no second mail.
+    with time_machine.travel(T0 + timedelta(minutes=5), tick=False):
+        response, callbacks = subscribe(
+            client,
+            django_capture_on_commit_callbacks,
+            email="member@example.org",
+            services=[other.pk],
+        )
+    assert (response.status_code, callbacks) == (200, [])
+
+    # The link shows the change; only the button applies it, and only what it carries.
+    with time_machine.travel(T0 + timedelta(minutes=10), tick=False):
+        shown = client.get(change).content.decode()
+        assert "Confirm the change" in shown
+        assert "Search" in shown
+        member.refresh_from_db()
+        assert [s.slug for s in member.services.all()] == ["checkout"]
+        done = client.post(change)
+        assert done.status_code == 200
+        assert "Your subscription is updated" in done.content.decode()
+        assert client.post(change).status_code == 200  # idempotent
+    member.refresh_from_db()
+    assert member.is_active
+    assert sorted(s.slug for s in member.services.all()) == ["checkout", "search"]
+    assert not member.all_services
+
+
+def test_all_services_for_a_confirmed_subscriber_waits_for_the_link_and_dies_with_it(
+    smtp_server, checkout, django_capture_on_commit_callbacks
+):
+    member = SubscriberFactory(
+        email="member@example.org", services=[checkout], confirmed_at=T0 - timedelta(days=1)
+    )
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        notices.subscriber_subscribe(
+            email="member@example.org", service_ids=[], all_services=True, now=T0
+        )
+    [job] = callbacks
+    assert job.args == (member.pk, [], True)
+    member.refresh_from_db()
+    assert not member.all_services
+    tasks.send_subscription_change(*job.args)
+    token = link(smtp_server.messages[0], "/status/confirm/").split("/")[-2]
+    # Unsubscribed since: the old link cannot bring the subscription back, or widen it.
+    notices.subscriber_unsubscribe(token=member.unsubscribe_token, now=T0 + timedelta(hours=1))
+    with pytest.raises(InvalidInput, match="subscription that has ended"):
+        notices.subscriber_confirm(token=token, now=T0 + timedelta(hours=2))
+    member.refresh_from_db()
+    assert (member.is_active, member.all_services) == (False, False)
+
+
+def test_a_forged_change_is_refused(client, checkout, search):
+    member = SubscriberFactory(email="member@example.org", services=[checkout])
+    forged = signing.dumps(
+        {"id": member.pk, "email": member.email, "sent": T0.timestamp(), "add": [search.pk]},
+        salt="another-salt",
+    )
+    assert client.post(f"/status/confirm/{forged}/").status_code == 404
+    member.refresh_from_db()
+    assert [s.slug for s in member.services.all()] == ["checkout"]
+
+
+def test_subscribe_posts_are_throttled_per_client_address(
+    client, smtp_server, checkout, settings, django_capture_on_commit_callbacks
+):
+    settings.SUBSCRIBE_THROTTLE_PER_HOUR = 2
+    data = {"services": [checkout.pk]}
+    with time_machine.travel(T0, tick=False):
+        for n in range(2):
+            response, _ = subscribe(
+                client, django_capture_on_commit_callbacks, email=f"a{n}@example.org", **data
+            )
+            assert response.status_code == 200
+        response, callbacks = subscribe(
+            client, django_capture_on_commit_callbacks, email="late@example.org", **data
+        )
+        assert response.status_code == 429
+        assert "Too many requests" in response.content.decode()
+        assert response["Retry-After"] == "3600"
+        assert callbacks == []
+        assert not Subscriber.objects.filter(email="late@example.org").exists()
+        # Another client is counted on its own.
+        other = Client(REMOTE_ADDR="192.0.2.7")
+        response, _ = subscribe(
+            other, django_capture_on_commit_callbacks, email="other@example.org", **data
+        )
+        assert response.status_code == 200
+        assert client.get(SUBSCRIBE).status_code == 200  # the form itself is not throttled
+    with time_machine.travel(T0 + timedelta(hours=1), tick=False):
+        response, _ = subscribe(
+            client, django_capture_on_commit_callbacks, email="late@example.org", **data
+        )
+        assert response.status_code == 200
+    assert not smtp_server.messages  # the confirmations were never delivered here
+
+
+def test_the_subscribe_throttle_lets_requests_through_when_the_cache_is_down(
+    client, checkout, settings, django_capture_on_commit_callbacks
+):
+    from tests.escalation.processes import free_port
+
+    settings.SUBSCRIBE_THROTTLE_PER_HOUR = 1
+    settings.CACHES = {
+        "default": {
+            "BACKEND": "django.core.cache.backends.redis.RedisCache",
+            "LOCATION": f"redis://127.0.0.1:{free_port()}/0",
+            "OPTIONS": {"socket_connect_timeout": 0.5, "socket_timeout": 0.5},
+        }
+    }
+    for n in range(3):
+        response, _ = subscribe(
+            client,
+            django_capture_on_commit_callbacks,
+            email=f"a{n}@example.org",
+            services=[checkout.pk],
+        )
+        assert response.status_code == 200
+    assert Subscriber.objects.count() == 3
