@@ -87,11 +87,7 @@ def send_subscriber_confirmation(self, subscriber_id: int) -> bool:
     temporary mail failure. A duplicate is harmless: either link confirms."""
     from .comms import notices
 
-    try:
-        return notices.subscriber_send_confirmation(subscriber_id=subscriber_id)
-    except notices.RetryLater as error:
-        countdown = min(600, 30 * 2**self.request.retries)
-        raise self.retry(exc=error, countdown=countdown) from error
+    return _retrying(self, notices.subscriber_send_confirmation, subscriber_id=subscriber_id)
 
 
 @shared_task(
@@ -111,13 +107,25 @@ def send_subscription_change(
     idempotent."""
     from .comms import notices
 
+    return _retrying(
+        self,
+        notices.subscriber_send_change,
+        subscriber_id=subscriber_id,
+        service_ids=service_ids,
+        all_services=all_services,
+    )
+
+
+def _retrying(task, send, **kwargs) -> bool:
+    """Run a confirmation send; on a temporary mail failure, retry the task with backoff
+    (30 s, 1, 2, 4 min; at most 10)."""
+    from .comms.notices import RetryLater
+
     try:
-        return notices.subscriber_send_change(
-            subscriber_id=subscriber_id, service_ids=service_ids, all_services=all_services
-        )
-    except notices.RetryLater as error:
-        countdown = min(600, 30 * 2**self.request.retries)
-        raise self.retry(exc=error, countdown=countdown) from error
+        return send(**kwargs)
+    except RetryLater as error:
+        countdown = min(600, 30 * 2**task.request.retries)
+        raise task.retry(exc=error, countdown=countdown) from error
 
 
 @shared_task(

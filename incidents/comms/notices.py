@@ -458,16 +458,7 @@ def subscriber_send_confirmation(*, subscriber_id: int) -> bool:
     subscriber = Subscriber.objects.filter(pk=subscriber_id).first()
     if subscriber is None or subscriber.is_active:
         return False
-    message = confirmation_message(subscriber)
-    try:
-        message.send(fail_silently=False)
-    except (smtplib.SMTPException, OSError) as error:
-        failure = classify(error, data_started=False)
-        if failure.permanent:
-            logger.warning("confirmation to subscriber %s refused: %s", subscriber_id, failure)
-            return False
-        raise RetryLater(failure.reason) from error
-    return True
+    return _send_confirmation(confirmation_message(subscriber), f"subscriber {subscriber_id}")
 
 
 def subscriber_send_change(
@@ -489,12 +480,18 @@ def subscriber_send_change(
     if not add and not all_services:
         return False
     message = confirmation_message(subscriber, add=add, all_services=all_services)
+    return _send_confirmation(message, f"subscriber {subscriber_id} (change)")
+
+
+def _send_confirmation(message: EmailMultiAlternatives, whom: str) -> bool:
+    """Send one confirmation email: True when sent, False when the server refused the
+    address for good; RetryLater on a temporary failure."""
     try:
         message.send(fail_silently=False)
     except (smtplib.SMTPException, OSError) as error:
         failure = classify(error, data_started=False)
         if failure.permanent:
-            logger.warning("change to subscriber %s refused: %s", subscriber_id, failure)
+            logger.warning("confirmation to %s refused: %s", whom, failure)
             return False
         raise RetryLater(failure.reason) from error
     return True

@@ -135,7 +135,13 @@ class SMTPServer:
 @pytest.fixture
 def smtp_server(settings) -> Iterator[SMTPServer]:
     """A real SMTP server on 127.0.0.1, with Django's SMTP backend pointed at it."""
-    server = SMTPServer().start()
+    yield from smtp_server_at(SMTPServer(), settings)
+
+
+def smtp_server_at(server: SMTPServer, settings) -> Iterator[SMTPServer]:
+    """Start `server`, point Django's SMTP settings at it, stop it afterwards: the body of
+    an `smtp_server`-like fixture for a server class of one's own."""
+    server.start()
     settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
     settings.EMAIL_HOST = server.host
     settings.EMAIL_PORT = server.port

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from email.message import EmailMessage
 
-from tests.escalation.conftest import SMTPServer, smtp_server  # noqa: F401 - re-exported
+from tests.escalation.conftest import (  # noqa: F401 - smtp_server is re-exported
+    SMTPServer,
+    smtp_server,
+    smtp_server_at,
+)
 
 
 class DroppingSMTPServer(SMTPServer):
@@ -48,24 +52,6 @@ class HookedSMTPServer(SMTPServer):
             self.on_message(count)
         finally:
             connection.close()
-
-
-def smtp_server_at(server: SMTPServer, settings) -> Iterator[SMTPServer]:
-    """Start `server`, point Django's SMTP settings at it, stop it afterwards: the body of
-    an `smtp_server`-like fixture for a server class of one's own."""
-    server.start()
-    settings.EMAIL_BACKEND = "django.core.mail.backends.smtp.EmailBackend"
-    settings.EMAIL_HOST = server.host
-    settings.EMAIL_PORT = server.port
-    settings.EMAIL_USE_TLS = False
-    settings.EMAIL_USE_SSL = False
-    settings.EMAIL_HOST_USER = ""
-    settings.EMAIL_HOST_PASSWORD = ""
-    settings.EMAIL_TIMEOUT = 5
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def parts(message: EmailMessage) -> tuple[str, str]:
