@@ -250,6 +250,13 @@ CELERY_BEAT_SCHEDULE: dict = {
     },
     # Customer notices: sends left by a dead worker become "unknown" (never re-sent), lost
     # batches are queued again, finished notices close. Reads only notices still sending.
+    # Overdue-update reminders whose queueing was lost while the broker was down: a minute
+    # bounds how late such a reminder goes; reads only open incidents with a recorded breach.
+    "incidents-requeue-update-reminders": {
+        "task": "incidents.requeue_update_reminders",
+        "schedule": 60.0,
+        "options": {"expires": 60.0},
+    },
     "incidents-notices-sweep": {
         "task": "incidents.notices_sweep",
         "schedule": 60.0,

@@ -50,6 +50,15 @@ def send_update_reminder(self, incident_id: int, due_at: str) -> str:
         raise self.retry(exc=error, countdown=_backoff(self.request.retries)) from error
 
 
+@shared_task(name="incidents.requeue_update_reminders", ignore_result=True)
+def requeue_update_reminders() -> int:
+    """Beat, every minute: queue again reminders whose queueing was lost (see
+    `updates.update_reminders_requeue`)."""
+    from .comms import updates
+
+    return len(updates.update_reminders_requeue())
+
+
 @shared_task(
     name="incidents.post_chat_message",
     bind=True,

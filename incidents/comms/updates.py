@@ -355,6 +355,40 @@ def update_reminders_plan(incidents: list[Incident], *, now: datetime) -> int:
     return queued
 
 
+def update_reminders_requeue(
+    *, now: datetime | None = None, grace: timedelta = timedelta(minutes=2), batch: int = 100
+) -> list[tuple[int, str]]:
+    """Queue again the reminders whose queueing was lost (the broker was down when the
+    breach was recorded): open incidents whose update breach is recorded, overdue by more
+    than `grace` and less than an hour, with no reminder sent for that due time. A reminder
+    still queued is queued twice, which `update_reminder_send` absorbs (one claim per
+    incident and due time). Beat, every minute. Returns the (incident, due) queued."""
+    from escalation.models import OncallNotice
+    from incidents.tasks import send_update_reminder
+
+    now = now or timezone.now()
+    overdue = (
+        Incident.objects.filter(
+            status__in=OPEN_STATUSES,
+            update_breached_at__isnull=False,
+            next_update_due_at__lte=now - grace,
+            next_update_due_at__gt=now - timedelta(hours=1),
+        )
+        .order_by("next_update_due_at", "pk")
+        .values_list("pk", "next_update_due_at")[:batch]
+    )
+    keys = {f"incident:{pk}:{due.isoformat()}": (pk, due.isoformat()) for pk, due in overdue}
+    sent = set(
+        OncallNotice.objects.filter(kind=REMINDER_KIND, key__in=list(keys)).values_list(
+            "key", flat=True
+        )
+    )
+    queued = [args for key, args in keys.items() if key not in sent]
+    for args in queued:
+        _enqueue(send_update_reminder, *args)
+    return queued
+
+
 class RetryLater(Exception):
     """A temporary failure: the Celery task tries again with backoff."""
 

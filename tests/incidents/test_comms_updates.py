@@ -339,6 +339,30 @@ def test_overdue_update_reminds_the_communications_lead_by_email_once(
     assert len(events(incident, EventKind.UPDATE_REMINDER)) == 2
 
 
+def test_a_reminder_whose_queueing_was_lost_is_queued_again_and_sent_once(
+    sev1, smtp_server, django_capture_on_commit_callbacks
+):
+    cora = UserFactory(username="cora", email="cora@example.com")
+    incident = declare(severity=sev1, title="Checkout fails", now=T0)
+    assign(incident, "communications-lead", cora)
+    # The breach is recorded, and its reminder's task never reaches the broker (the
+    # callbacks are captured, not run: as if Redis were down at that moment).
+    [args] = overdue_tick(incident, T0 + 31 * MIN, django_capture_on_commit_callbacks)
+
+    # Within the grace period nothing is queued again: the task may still be on its way.
+    assert updates.update_reminders_requeue(now=T0 + 31 * MIN) == []
+    [again] = updates.update_reminders_requeue(now=T0 + 33 * MIN)
+    assert again == args
+    assert send_update_reminder.apply(args=again).get() == "sent"
+    # Sent: the next sweeps queue nothing, and a duplicate task sends nothing.
+    assert updates.update_reminders_requeue(now=T0 + 34 * MIN) == []
+    assert send_update_reminder.apply(args=args).get() == "sent already"
+    assert [m["To"] for m in smtp_server.messages] == ["cora@example.com"]
+    # An hour after the due time the sweep gives up (the breach stays on the timeline).
+    OncallNotice.objects.all().delete()
+    assert updates.update_reminders_requeue(now=T0 + 91 * MIN) == []
+
+
 def test_reminder_goes_through_the_escalation_contact_methods(
     sev1, http_server, allow_private_webhooks, django_capture_on_commit_callbacks
 ):
