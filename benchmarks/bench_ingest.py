@@ -1326,8 +1326,20 @@ def _sustained_markdown(s: Sustained) -> str:
                 else ""
             )
             + "The worker shares the machine and took "
-            f"{a.worker_cpu:.1f} s of CPU during the block and the drain.",
+            f"{a.worker_cpu:.1f} s of CPU during the block and the drain: it was applying the "
+            "backlog during the whole webhook block (on the load generator's CPU, and through "
+            "PostgreSQL, which is not pinned), and was idle during the reference blocks.",
         ]
+    lines += [
+        "",
+        "Applying is the capacity limit, whatever the ratio: one integration's deliveries are "
+        "applied in order by one process at a time, at the applied rate above, so a sender "
+        "that keeps up more than that for long builds a backlog that only drains when it "
+        "slows down (the webhook stays fast and nothing is lost meanwhile; "
+        "`incident_tracker_alert_deliveries_oldest_pending_seconds` shows the delay). The "
+        "lever is fewer statements per delivery: applying consecutive deliveries of one "
+        "group in one transaction, and marking a batch done with one statement.",
+    ]
     return "\n".join(lines) + "\n"
 
 
