@@ -71,6 +71,9 @@ def child_env(*, broker_url: str, **extra: str) -> dict[str, str]:
         CELERY_BROKER_URL=broker_url,
         REDIS_URL=broker_url,
         ENGINE_TICK_SECONDS="1",
+        # No alert deliveries here unless a test says so (extra): the applying task would
+        # add a second task a second to every worker these tests start and stop.
+        ALERT_APPLY_SECONDS="3600",
         SITE_URL="http://testserver.invalid",
         PYTHONUNBUFFERED="1",
     )
