@@ -34,7 +34,7 @@ from django.utils import timezone
 from incidents.exceptions import InvalidInput
 from incidents.models import MaintenanceWindow, Service, TemplateKind
 
-from .notices import _header_problem
+from .notices import header_problem
 
 Actor = AbstractBaseUser | None
 
@@ -89,7 +89,7 @@ def _text(field: str, value: Any, *, required: bool, max_length: int, one_line: 
     if one_line:
         # The announcement's subject check, applied when the window is saved, so a title
         # that could never be announced is refused at once.
-        problem = _header_problem(value)
+        problem = header_problem(value)
         if problem:
             raise InvalidInput(field, f"{problem.removesuffix('.')}: it goes in email subjects.")
     return value

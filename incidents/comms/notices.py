@@ -562,7 +562,7 @@ def may_see_addresses(user) -> bool:
 # --- composing and sending ------------------------------------------------------------------
 
 
-def _header_problem(subject: str) -> str:
+def header_problem(subject: str) -> str:
     if "\r" in subject or "\n" in subject:
         return "must be one line (no CR or LF)."
     if _HEADER_UNSAFE.search(subject):
@@ -628,7 +628,7 @@ def notice_compose(
         maintenance=maintenance,
         audience=CUSTOMERS,
     )
-    problem = _header_problem(rendered.subject)
+    problem = header_problem(rendered.subject)
     if problem:
         raise InvalidInput("subject", problem)
     if not rendered.subject:
@@ -677,7 +677,7 @@ def notice_send(*, notice: CustomerNotice, actor, now: datetime | None = None) -
     all in memory), a timeline event on the incident, and the batch tasks queued on commit.
     Returns the number of recipients; with none the notice is sent at once."""
     now = now or timezone.now()
-    problem = _header_problem(notice.subject)
+    problem = header_problem(notice.subject)
     if problem:
         raise InvalidInput("subject", problem)
     size = setting("NOTICE_BATCH_SIZE")
