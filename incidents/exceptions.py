@@ -23,3 +23,9 @@ class InvalidInput(DomainError):
 
 class ConcurrentChange(DomainError):
     """Someone else changed the incident between our read and our write; try again."""
+
+
+class RetryLater(Exception):
+    """Not a domain error: a temporary failure of an outside system (a mail server that
+    defers, a webhook that answers 5xx). The Celery task that met it tries again with
+    backoff."""

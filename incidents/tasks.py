@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from .exceptions import RetryLater
 from .ingestion import intake
 from .ingestion import services as ingestion
 
@@ -25,6 +26,15 @@ def apply_alert_deliveries() -> int:
 # --- status updates: reminders and the chat webhook (incidents/comms/updates.py) -------------
 
 
+def _retrying(task, call, **kwargs):
+    """Run a task's service call; on a temporary failure (RetryLater), retry the task with
+    `_backoff`."""
+    try:
+        return call(**kwargs)
+    except RetryLater as error:
+        raise task.retry(exc=error, countdown=_backoff(task.request.retries)) from error
+
+
 def _backoff(retries: int) -> int:
     """Seconds before retry number `retries` + 1: 30 s, 1, 2, 4, 8 min."""
     return min(30 * 2**retries, 600)
@@ -44,10 +54,7 @@ def send_update_reminder(self, incident_id: int, due_at: str) -> str:
     (idempotent: sent at most once per incident and due time); retried with backoff."""
     from .comms import updates
 
-    try:
-        return updates.update_reminder_send(incident_id=incident_id, due_at=due_at)
-    except updates.RetryLater as error:
-        raise self.retry(exc=error, countdown=_backoff(self.request.retries)) from error
+    return _retrying(self, updates.update_reminder_send, incident_id=incident_id, due_at=due_at)
 
 
 @shared_task(name="incidents.requeue_update_reminders", ignore_result=True)
@@ -73,10 +80,9 @@ def post_chat_message(self, incident_id: int, kind: str, update_id: int | None =
     webhook; temporary failures are retried with backoff."""
     from .comms import updates
 
-    try:
-        return updates.chat_post(incident_id=incident_id, kind=kind, update_id=update_id)
-    except updates.RetryLater as error:
-        raise self.retry(exc=error, countdown=_backoff(self.request.retries)) from error
+    return _retrying(
+        self, updates.chat_post, incident_id=incident_id, kind=kind, update_id=update_id
+    )
 
 
 # --- customer notices (incidents.comms.notices) ---------------------------------------------
@@ -123,18 +129,6 @@ def send_subscription_change(
         service_ids=service_ids,
         all_services=all_services,
     )
-
-
-def _retrying(task, send, **kwargs) -> bool:
-    """Run a confirmation send; on a temporary mail failure, retry the task with backoff
-    (30 s, 1, 2, 4 min; at most 10)."""
-    from .comms.notices import RetryLater
-
-    try:
-        return send(**kwargs)
-    except RetryLater as error:
-        countdown = min(600, 30 * 2**task.request.retries)
-        raise task.retry(exc=error, countdown=countdown) from error
 
 
 @shared_task(

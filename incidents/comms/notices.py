@@ -54,7 +54,7 @@ from django.utils.html import format_html
 from django.utils.safestring import mark_safe
 
 from escalation.channels import _mail_domain, one_line
-from incidents.exceptions import InvalidInput
+from incidents.exceptions import InvalidInput, RetryLater
 from incidents.models import (
     CustomerNotice,
     DeliveryState,
@@ -445,10 +445,6 @@ def subscriber_unsubscribe(*, token: str, now: datetime | None = None) -> Subscr
             subscriber.unsubscribed_at = now
             subscriber.save(update_fields=["unsubscribed_at"])
     return subscriber
-
-
-class RetryLater(Exception):
-    """A temporary mail failure: the task tries again with backoff."""
 
 
 def subscriber_send_confirmation(*, subscriber_id: int) -> bool:

@@ -33,7 +33,7 @@ from django.utils import timezone
 from django.utils.html import format_html
 
 from incidents.deadlines import compute_deadlines
-from incidents.exceptions import InvalidInput, InvalidTransition
+from incidents.exceptions import InvalidInput, InvalidTransition, RetryLater
 from incidents.models import (
     OPEN_STATUSES,
     EventKind,
@@ -387,10 +387,6 @@ def update_reminders_requeue(
     for args in queued:
         _enqueue(send_update_reminder, *args)
     return queued
-
-
-class RetryLater(Exception):
-    """A temporary failure: the Celery task tries again with backoff."""
 
 
 def _notice_recipient(address: str) -> str:
