@@ -458,6 +458,17 @@ class AlertDeliveryAdmin(admin.ModelAdmin):
         # The change permission allows the requeue action only: every field is read-only.
         return super().has_change_permission(request, obj)
 
+    def save_model(self, request, obj, form, change):
+        # Nothing is editable, and saving the whole row would write back a status the
+        # worker may have changed since the page was loaded.
+        return
+
+    def render_change_form(self, request, context, *args, **kwargs):
+        context.update(
+            show_save=False, show_save_and_continue=False, show_save_and_add_another=False
+        )
+        return super().render_change_form(request, context, *args, **kwargs)
+
     def has_delete_permission(self, request, obj=None):
         return False
 

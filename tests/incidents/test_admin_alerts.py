@@ -621,3 +621,41 @@ def test_viewers_cannot_merge(client, severities):
     merge(client, [first], second.reference)
     first.refresh_from_db()
     assert first.merged_into is None
+
+
+def test_failed_deliveries_can_be_queued_again_and_others_are_left_alone(client, manager):
+    from incidents.ingestion import intake
+    from incidents.models import DeliveryStatus
+
+    source, _ = integration(name="A")
+    body = json.dumps(alertmanager_body({"fingerprint": "x"}))
+    failed = intake.accept(integration=source, body=body, alerts=1)
+    pending = intake.accept(integration=source, body=body, alerts=1)
+    AlertDelivery.objects.filter(pk=failed).update(status=DeliveryStatus.FAILED, error="boom")
+
+    changelist = reverse("admin:incidents_alertdelivery_changelist")
+    assert client.get(changelist).status_code == 200
+    response = client.post(
+        changelist, {"action": "requeue", "_selected_action": [failed, pending]}, follow=True
+    )
+    [message] = [str(m) for m in get_messages(response.wsgi_request)]
+    assert (
+        message
+        == "1 queued again; they are applied within seconds. 1 not failed, left as they were."
+    )
+    assert AlertDelivery.objects.get(pk=failed).status == DeliveryStatus.PENDING
+    assert AlertDelivery.objects.get(pk=pending).status == DeliveryStatus.PENDING
+    # Read-only: the change page offers no save, and a posted form writes nothing back,
+    # not even the status the page was loaded with.
+    url = reverse("admin:incidents_alertdelivery_change", args=[failed])
+    assert 'name="_save"' not in client.get(url).content.decode()
+    AlertDelivery.objects.filter(pk=failed).update(status=DeliveryStatus.DONE)
+    client.post(url, {})
+    row = AlertDelivery.objects.get(pk=failed)
+    assert (row.status, row.body) == (DeliveryStatus.DONE, body)
+
+
+def test_viewers_cannot_see_alert_deliveries(client):
+    client.force_login(UserFactory(username="vic", groups=["Viewers"]))
+    response = client.get(reverse("admin:incidents_alertdelivery_changelist"))
+    assert response.status_code == 403
